@@ -1,0 +1,34 @@
+"""Client SDK for the encrypted-inference service (no flask, no torch)."""
+
+from clients._client import HEClient, ModelSession
+from clients._crypto import KeySet
+from clients._errors import (
+    BadRequestError,
+    ContextNotFoundError,
+    HEClientError,
+    ModelNotFoundError,
+    NotFoundError,
+    ParameterMismatchError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    ServerError,
+    ServiceUnavailableError,
+    TransportError,
+)
+
+__all__ = [
+    "BadRequestError",
+    "ContextNotFoundError",
+    "HEClient",
+    "HEClientError",
+    "KeySet",
+    "ModelNotFoundError",
+    "ModelSession",
+    "NotFoundError",
+    "ParameterMismatchError",
+    "PayloadTooLargeError",
+    "RateLimitedError",
+    "ServerError",
+    "ServiceUnavailableError",
+    "TransportError",
+]

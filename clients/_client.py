@@ -1,0 +1,230 @@
+"""``HEClient``: talk to the service; ``ModelSession``: encrypt, predict, decrypt for one model."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from clients._crypto import KeySet
+from clients._errors import ContextNotFoundError, TransportError, error_from_response
+from he_service.protocol import (
+    MEDIA_TYPE,
+    ModelCard,
+    decode_frames,
+    decode_output,
+    encode_frames,
+    encode_input,
+    preprocess,
+)
+
+__all__ = ["HEClient", "ModelSession"]
+
+CONTEXT_HEADER = "X-Context-Id"
+
+
+class HEClient:
+    """A connection to an encrypted-inference service.
+
+    Use it as a context manager; ``transport`` lets tests run the app in-process
+    (``httpx.WSGITransport(app=create_app(...))``).
+    """
+
+    def __init__(
+        self, base_url: str, *, timeout: float = 120.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> HEClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise TransportError(f"{method} {path} failed: {exc}") from exc
+        if response.status_code >= 400 and method != "HEAD":
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            raise error_from_response(response.status_code, body)
+        return response
+
+    def health(self) -> dict[str, Any]:
+        """Return the service status, version and model names."""
+        result: dict[str, Any] = self._request("GET", "/v1/health").json()
+        return result
+
+    def models(self) -> list[dict[str, Any]]:
+        """Return the summaries of the served models."""
+        result: list[dict[str, Any]] = self._request("GET", "/v1/models").json()["models"]
+        return result
+
+    def card(self, name: str) -> ModelCard:
+        """Fetch and check a model card."""
+        return ModelCard.from_json(self._request("GET", f"/v1/models/{name}").json())
+
+    def has_context(self, context_id: str) -> bool:
+        """Ask whether the service still holds a context."""
+        return self._request("HEAD", f"/v1/contexts/{context_id}").status_code == 200
+
+    def upload_context(self, public_context: bytes) -> str:
+        """Upload public evaluation keys; returns the context id."""
+        response = self._request(
+            "POST",
+            "/v1/contexts",
+            content=public_context,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        context_id: str = response.json()["context_id"]
+        return context_id
+
+    def delete_context(self, context_id: str) -> None:
+        """Ask the service to forget a context."""
+        self._request("DELETE", f"/v1/contexts/{context_id}")
+
+    def model(self, name: str, *, keys: KeySet | Path | str | None = None) -> ModelSession:
+        """Open a session for one model: read its card, make (or load) keys, upload them.
+
+        Args:
+            name: the served model.
+            keys: a ``KeySet``, or a key file written by ``ModelSession.save_keys``; by default
+                fresh keys are generated with the card's parameters.
+
+        Returns:
+            A session whose ``predict`` returns decrypted outputs.
+        """
+        card = self.card(name)
+        if isinstance(keys, str | Path):
+            keys = KeySet.load(keys)
+        if (
+            keys is None
+            or keys.params != card.ckks
+            or not set(card.galois_steps) <= set(keys.galois_steps)
+        ):
+            if keys is not None:
+                raise ValueError(
+                    f"the given keys do not fit model {name!r}: they were made for other CKKS "
+                    "parameters or lack Galois steps"
+                )
+            keys = KeySet.generate(card.ckks, card.galois_steps)
+        session = ModelSession(self, card, keys)
+        session.ensure_context()
+        return session
+
+    def predict_raw(
+        self, name: str, context_id: str, ciphertexts: list[bytes]
+    ) -> tuple[list[bytes], dict[str, float]]:
+        """Post framed ciphertexts; returns the output ciphertexts and server stage seconds."""
+        response = self._request(
+            "POST",
+            f"/v1/models/{name}/predict",
+            content=encode_frames(ciphertexts),
+            headers={CONTEXT_HEADER: context_id, "Content-Type": MEDIA_TYPE},
+        )
+        return decode_frames(response.content, max_items=len(ciphertexts)), _server_timing(
+            response.headers.get("Server-Timing", "")
+        )
+
+
+class ModelSession:
+    """Keys and card for one model; encrypts, sends, decrypts."""
+
+    def __init__(self, client: HEClient, card: ModelCard, keys: KeySet) -> None:
+        self.client, self.card, self.keys = client, card, keys
+        self.context_id = ""
+        self.last_timings: dict[str, float] = {}
+
+    def public_context(self) -> bytes:
+        """Return the public evaluation keys exactly as uploaded (no secret key)."""
+        return self.keys.public_context
+
+    def save_keys(self, path: Path | str) -> None:
+        """Save all keys, secret key included, to a local file (mode 0600)."""
+        self.keys.save(path)
+
+    def ensure_context(self) -> str:
+        """Upload the public context unless the service already holds it."""
+        context_id = hashlib.sha256(self.keys.public_context).hexdigest()
+        if not self.client.has_context(context_id):
+            context_id = self.client.upload_context(self.keys.public_context)
+        self.context_id = context_id
+        return context_id
+
+    def encrypt(self, x: np.ndarray) -> bytes:
+        """Preprocess, encode and encrypt one raw sample as the card says."""
+        sample = preprocess(x, self.card.preprocessing, self.card.input_shape)
+        return self.keys.encrypt(encode_input(sample, self.card.input_encoding))
+
+    def decrypt(self, ciphertext: bytes) -> np.ndarray:
+        """Decrypt and decode one output ciphertext into the model's outputs."""
+        return decode_output(self.keys.decrypt(ciphertext), self.card.output_decoding)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Return the decrypted outputs (logits) for one raw sample."""
+        return self.predict_many(np.asarray(x)[None, ...])[0]
+
+    def predict_many(self, xs: np.ndarray) -> np.ndarray:
+        """Return decrypted outputs for several samples, in requests of the allowed size."""
+        samples = np.asarray(xs)
+        results: list[np.ndarray] = []
+        timings: dict[str, float] = {}
+        for chunk in _chunks(samples, self.card.max_samples_per_request):
+            start = time.perf_counter()
+            ciphertexts = [self.encrypt(x) for x in chunk]
+            _add(timings, "encrypt", time.perf_counter() - start)
+            start = time.perf_counter()
+            try:
+                outputs, server = self.client.predict_raw(
+                    self.card.name, self.context_id, ciphertexts
+                )
+            except ContextNotFoundError:  # expired or evicted: upload again, once
+                self.context_id = self.client.upload_context(self.keys.public_context)
+                outputs, server = self.client.predict_raw(
+                    self.card.name, self.context_id, ciphertexts
+                )
+            _add(timings, "request", time.perf_counter() - start)
+            for stage, seconds in server.items():
+                _add(timings, f"server_{stage}", seconds)
+            start = time.perf_counter()
+            results.extend(self.decrypt(ct) for ct in outputs)
+            _add(timings, "decrypt", time.perf_counter() - start)
+        self.last_timings = timings
+        return np.stack(results)
+
+    def classify(self, x: np.ndarray) -> str:
+        """Return the label of the largest decrypted output."""
+        return self.card.labels[int(np.argmax(self.predict(x)))]
+
+
+def _chunks(samples: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(samples), size):
+        yield samples[start : start + size]
+
+
+def _add(timings: dict[str, float], key: str, seconds: float) -> None:
+    timings[key] = timings.get(key, 0.0) + seconds
+
+
+def _server_timing(header: str) -> dict[str, float]:
+    stages: dict[str, float] = {}
+    for part in header.split(","):
+        name, _, rest = part.strip().partition(";")
+        if rest.startswith("dur="):
+            try:
+                stages[name] = float(rest[4:]) / 1000.0
+            except ValueError:
+                continue
+    return stages

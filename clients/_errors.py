@@ -1,0 +1,107 @@
+"""Client-side exceptions, mapped from the service's JSON error codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BadRequestError",
+    "ContextNotFoundError",
+    "HEClientError",
+    "ModelNotFoundError",
+    "NotFoundError",
+    "ParameterMismatchError",
+    "PayloadTooLargeError",
+    "RateLimitedError",
+    "ServerError",
+    "ServiceUnavailableError",
+    "TransportError",
+    "error_from_response",
+]
+
+
+class HEClientError(Exception):
+    """Base of every error the SDK raises."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.details = status, code, details or {}
+
+
+class TransportError(HEClientError):
+    """The service could not be reached or the connection broke."""
+
+
+class BadRequestError(HEClientError):
+    """400: the service refused the request's content."""
+
+
+class NotFoundError(HEClientError):
+    """404: unknown route."""
+
+
+class ModelNotFoundError(NotFoundError):
+    """404: no model of that name."""
+
+
+class ContextNotFoundError(NotFoundError):
+    """404: the uploaded keys are gone (expired or evicted); upload them again."""
+
+
+class ParameterMismatchError(HEClientError):
+    """409: keys made for other CKKS parameters, or lacking needed Galois keys."""
+
+
+class PayloadTooLargeError(HEClientError):
+    """413: the body exceeds the service's limit."""
+
+
+class RateLimitedError(HEClientError):
+    """429: over quota; retry later."""
+
+
+class ServiceUnavailableError(HEClientError):
+    """503: the service is not ready."""
+
+
+class ServerError(HEClientError):
+    """5xx: the service failed."""
+
+
+_BY_CODE: dict[str, type[HEClientError]] = {
+    "model_not_found": ModelNotFoundError,
+    "context_not_found": ContextNotFoundError,
+    "parameter_mismatch": ParameterMismatchError,
+}
+_BY_STATUS: dict[int, type[HEClientError]] = {
+    400: BadRequestError,
+    404: NotFoundError,
+    409: ParameterMismatchError,
+    413: PayloadTooLargeError,
+    429: RateLimitedError,
+    503: ServiceUnavailableError,
+}
+
+
+def error_from_response(status: int, body: Any) -> HEClientError:
+    """Build the exception for an error answer (JSON ``{"error": {...}}`` or anything else)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        code = str(error.get("code", ""))
+        message = str(error.get("message", ""))
+        details = {k: v for k, v in error.items() if k not in ("code", "message")}
+    else:
+        code, message, details = "", f"HTTP {status}", {}
+    kind = (
+        _BY_CODE.get(code)
+        or _BY_STATUS.get(status)
+        or (ServerError if status >= 500 else HEClientError)
+    )
+    return kind(f"{message} (HTTP {status})", status=status, code=code or None, details=details)

@@ -1,0 +1,238 @@
+"""The Flask application factory and the HTTP API v1 routes."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import tenseal.sealapi as seal
+from flask import Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from he_service import __version__
+from he_service.config import Config
+from he_service.engine import EvaluationError, Timings
+from he_service.errors import (
+    BadRequest,
+    ContextNotFound,
+    InternalError,
+    MethodNotAllowed,
+    ModelNotFound,
+    ParameterMismatch,
+    PayloadTooLarge,
+    RouteNotFound,
+    ServiceError,
+)
+from he_service.keystore import KeyStore
+from he_service.openapi import openapi_document
+from he_service.protocol import (
+    MEDIA_TYPE,
+    ProtocolError,
+    decode_frames,
+    encode_frames,
+    load_seal,
+    save_seal,
+)
+from he_service.registry import LoadedModel, ModelRegistry
+
+__all__ = ["CONTEXT_HEADER", "create_app"]
+
+log = logging.getLogger(__name__)
+CONTEXT_HEADER = "X-Context-Id"
+_CONTEXT_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
+    """Build the service: load and compile every model, then register the routes.
+
+    Args:
+        config: a ``Config``, or a mapping of overrides on top of defaults and env vars.
+
+    Returns:
+        The WSGI application.
+
+    Raises:
+        RegistryError: the models directory holds no servable artifact.
+    """
+    if not isinstance(config, Config):
+        config = Config.load(config)
+    registry = ModelRegistry.from_directory(
+        config.models_dir, max_samples_per_request=config.max_samples_per_request
+    )
+    store = KeyStore(
+        max_bytes=config.key_store_max_bytes,
+        max_entries=config.key_store_max_entries,
+        ttl_seconds=config.key_store_ttl_seconds,
+        accepts=registry.accepts,
+    )
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = max(config.max_context_bytes, config.max_predict_bytes)
+    app.extensions["he_service"] = {"config": config, "registry": registry, "store": store}
+    _register_routes(app)
+    _register_errors(app)
+    return app
+
+
+def _state() -> tuple[Config, ModelRegistry, KeyStore]:
+    state = current_app.extensions["he_service"]
+    return state["config"], state["registry"], state["store"]
+
+
+def _read_body(limit: int, what: str) -> bytes:
+    """Read the request body, refusing it before reading when its declared size is too big."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(what, limit)
+    data = request.stream.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(what, limit)
+    if not data:
+        raise BadRequest(f"{what} is empty")
+    return data
+
+
+def _model(name: str) -> LoadedModel:
+    _, registry, _ = _state()
+    model = registry.get(name)
+    if model is None:
+        raise ModelNotFound(name, registry.names())
+    return model
+
+
+def _context_id(value: str | None) -> str:
+    if not value:
+        raise BadRequest(f"missing {CONTEXT_HEADER} header; upload keys with POST /v1/contexts")
+    if not _CONTEXT_ID.match(value):
+        raise BadRequest("a context id is 64 lowercase hex characters (sha256 of the upload)")
+    return value
+
+
+def _register_routes(app: Flask) -> None:
+    @app.get("/v1/health")
+    def health() -> Response:
+        _, registry, store = _state()
+        return jsonify(
+            status="ok", version=__version__, models=registry.names(), contexts=len(store)
+        )
+
+    @app.get("/v1/models")
+    def list_models() -> Response:
+        _, registry, _ = _state()
+        return jsonify(models=[m.summary() for m in registry])
+
+    @app.get("/v1/models/<name>")
+    def model_card(name: str) -> Response:
+        return jsonify(_model(name).card.to_json())
+
+    @app.post("/v1/contexts")
+    def upload_context() -> tuple[Response, int]:
+        config, _, store = _state()
+        data = _read_body(config.max_context_bytes, "context")
+        stored, created = store.put(data)
+        expires = datetime.fromtimestamp(stored.expires_at, UTC).isoformat()
+        return jsonify(context_id=stored.context_id, expires_at=expires), 201 if created else 200
+
+    @app.route("/v1/contexts/<context_id>", methods=["HEAD"])
+    def has_context(context_id: str) -> Response:
+        _, _, store = _state()
+        found = store.get(_context_id(context_id)) is not None
+        return Response(status=200 if found else 404)
+
+    @app.delete("/v1/contexts/<context_id>")
+    def delete_context(context_id: str) -> Response:
+        _, _, store = _state()
+        if not store.delete(_context_id(context_id)):
+            raise ContextNotFound(context_id)
+        return Response(status=204)
+
+    @app.post("/v1/models/<name>/predict")
+    def predict(name: str) -> Response:
+        config, _, store = _state()
+        model = _model(name)
+        context_id = _context_id(request.headers.get(CONTEXT_HEADER))
+        data = _read_body(config.max_predict_bytes, "request body")
+        stored = store.get(context_id)
+        if stored is None:
+            raise ContextNotFound(context_id)
+        if stored.params != model.plan.params:
+            raise ParameterMismatch(
+                f"context {context_id[:12]}… was made for other CKKS parameters than model "
+                f"{name!r}; make keys with the parameters of its card"
+            )
+        missing = stored.missing_steps(model.plan.galois_steps)
+        if missing:
+            raise ParameterMismatch(
+                f"the context lacks Galois keys for rotation steps {missing}", missing=missing
+            )
+        timings = Timings()
+        start = time.perf_counter()
+        try:
+            items = decode_frames(data, max_items=max(1, len(data) // 8))
+        except ProtocolError as exc:
+            raise BadRequest(str(exc)) from None
+        if len(items) > config.max_samples_per_request:
+            raise PayloadTooLarge(
+                f"{len(items)} ciphertexts: at most {config.max_samples_per_request} samples "
+                "per request, so the request",
+                config.max_predict_bytes,
+            )
+        inputs = []
+        for index, item in enumerate(items):
+            try:
+                ct = load_seal(
+                    seal.Ciphertext, item, model.evaluator.context, what=f"input ciphertext {index}"
+                )
+                model.evaluator.check_input(ct)
+            except (ProtocolError, EvaluationError) as exc:
+                raise BadRequest(str(exc)) from None
+            inputs.append(ct)
+        timings.add("deserialize", time.perf_counter() - start)
+        outputs = [
+            model.evaluator.evaluate(ct, stored.relin_keys, stored.galois_keys, timings)
+            for ct in inputs
+        ]
+        start = time.perf_counter()
+        body = encode_frames([save_seal(ct) for ct in outputs])
+        timings.add("serialize", time.perf_counter() - start)
+        response = Response(body, status=200, mimetype=MEDIA_TYPE)
+        response.headers["Server-Timing"] = ", ".join(
+            f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in timings.stages.items()
+        )
+        return response
+
+    @app.get("/v1/openapi.json")
+    def openapi() -> Response:
+        return jsonify(openapi_document(__version__))
+
+
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(ServiceError)
+    def service_error(error: ServiceError) -> tuple[Response, int]:
+        return jsonify(error.to_json()), error.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> tuple[Response, int]:
+        mapped: ServiceError
+        if error.code == 404:
+            mapped = RouteNotFound(
+                f"no route {request.method} {request.path}; see /v1/openapi.json"
+            )
+        elif error.code == 405:
+            mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+        elif error.code == 413:
+            config, _, _ = _state()
+            mapped = PayloadTooLarge("request body", config.max_context_bytes)
+        else:
+            mapped = BadRequest(error.description or "bad request")
+            return jsonify(mapped.to_json()), error.code or 400
+        return jsonify(mapped.to_json()), mapped.status
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        failure = InternalError("internal error; the server logged it")
+        return jsonify(failure.to_json()), failure.status

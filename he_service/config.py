@@ -1,0 +1,60 @@
+"""Service configuration: defaults, then ``HE_SERVICE_*`` environment variables, then a mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_MODELS_DIR", "Config"]
+
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models" / "artifacts"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the service, with safe defaults for a local quick start."""
+
+    models_dir: Path = DEFAULT_MODELS_DIR
+    max_predict_bytes: int = 16 << 20
+    max_context_bytes: int = 128 << 20
+    max_samples_per_request: int = 16
+    key_store_max_bytes: int = 4 << 30
+    key_store_max_entries: int = 64
+    key_store_ttl_seconds: int = 3600
+
+    @classmethod
+    def load(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Config:
+        """Build the configuration: defaults -> ``HE_SERVICE_<FIELD>`` env vars -> overrides.
+
+        Raises:
+            ValueError: an unknown override key or a value of the wrong type.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in fields:
+            raw = environ.get(f"HE_SERVICE_{name.upper()}")
+            if raw is not None:
+                values[name] = raw
+        unknown = sorted(set(overrides or {}) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {unknown}")
+        values.update(overrides or {})
+        converted: dict[str, Any] = {}
+        for name, value in values.items():
+            kind = Path if name == "models_dir" else int
+            try:
+                converted[name] = kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"configuration {name}={value!r} is not a {kind.__name__}"
+                ) from None
+            if kind is int and converted[name] <= 0:
+                raise ValueError(f"configuration {name} must be positive, got {value!r}")
+        return cls(**converted)

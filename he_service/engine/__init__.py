@@ -1,0 +1,21 @@
+"""Compile models into CKKS evaluation plans and run them on ciphertexts."""
+
+from he_service.engine.compiler import CompileError, compile_plan
+from he_service.engine.evaluator import EncryptedEvaluator, EvaluationError, Timings
+from he_service.engine.params import ParameterError, choose_params
+from he_service.engine.plan import AffineStep, Plan, SquareStep
+from he_service.engine.reference import forward_plain
+
+__all__ = [
+    "AffineStep",
+    "CompileError",
+    "EncryptedEvaluator",
+    "EvaluationError",
+    "ParameterError",
+    "Plan",
+    "SquareStep",
+    "Timings",
+    "choose_params",
+    "compile_plan",
+    "forward_plain",
+]

@@ -1,0 +1,90 @@
+"""The service's one error tree; each class fixes its HTTP status and code.
+
+The Flask handler in ``app.py`` turns any ``ServiceError`` into
+``{"error": {"code": ..., "message": ...}}``; the client SDK maps codes back to its classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "BadRequest",
+    "ContextNotFound",
+    "InternalError",
+    "MethodNotAllowed",
+    "ModelNotFound",
+    "NotReady",
+    "ParameterMismatch",
+    "PayloadTooLarge",
+    "RouteNotFound",
+    "ServiceError",
+    "TooManyRequests",
+]
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to a client."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "bad_request"
+
+
+class RouteNotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class ModelNotFound(ServiceError):
+    status, code = 404, "model_not_found"
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"no model named {name!r}; served models: {', '.join(known) or 'none'}")
+
+
+class ContextNotFound(ServiceError):
+    status, code = 404, "context_not_found"
+
+    def __init__(self, context_id: str) -> None:
+        super().__init__(
+            f"no context {context_id!r} (never uploaded, expired or evicted); "
+            "upload it again with POST /v1/contexts"
+        )
+
+
+class MethodNotAllowed(ServiceError):
+    status, code = 405, "method_not_allowed"
+
+
+class ParameterMismatch(ServiceError):
+    status, code = 409, "parameter_mismatch"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "payload_too_large"
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"{what} exceeds the limit of {limit} bytes", limit=limit)
+
+
+class TooManyRequests(ServiceError):
+    status, code = 429, "too_many_requests"
+
+
+class NotReady(ServiceError):
+    status, code = 503, "not_ready"
+
+
+class InternalError(ServiceError):
+    status, code = 500, "internal_error"

@@ -1,0 +1,142 @@
+"""The OpenAPI 3.1 document of HTTP API v1 (served at ``/v1/openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from he_service.protocol import MEDIA_TYPE
+
+__all__ = ["openapi_document"]
+
+_ERROR = {"$ref": "#/components/responses/Error"}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_CONTEXT = {
+    "name": "context_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+}
+_BINARY = {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}
+_JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+
+
+def _ok(description: str, content: dict[str, Any] | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {"description": description}
+    if content:
+        answer["content"] = content
+    return answer
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    """Return the OpenAPI document of the v1 routes."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "he-inference",
+            "version": version,
+            "description": "Encrypted inference: CKKS ciphertexts in, CKKS ciphertexts out.",
+        },
+        "paths": {
+            "/v1/health": {
+                "get": {
+                    "summary": "Status, version, loaded models",
+                    "responses": {"200": _ok("healthy", _JSON_OBJECT)},
+                }
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "Model summaries",
+                    "responses": {"200": _ok("models", _JSON_OBJECT)},
+                }
+            },
+            "/v1/models/{name}": {
+                "get": {
+                    "summary": "Model card: shapes, preprocessing, CKKS parameters, encodings",
+                    "parameters": [_NAME],
+                    "responses": {"200": _ok("card", _JSON_OBJECT), "404": _ERROR},
+                }
+            },
+            "/v1/contexts": {
+                "post": {
+                    "summary": "Upload public evaluation keys (never a secret key)",
+                    "requestBody": {"required": True, "content": _BINARY},
+                    "responses": {
+                        "200": _ok("already stored", _JSON_OBJECT),
+                        "201": _ok("stored", _JSON_OBJECT),
+                        "400": _ERROR,
+                        "409": _ERROR,
+                        "413": _ERROR,
+                    },
+                }
+            },
+            "/v1/contexts/{context_id}": {
+                "head": {
+                    "summary": "Is this context stored?",
+                    "parameters": [_CONTEXT],
+                    "responses": {"200": _ok("stored"), "404": _ok("not stored")},
+                },
+                "delete": {
+                    "summary": "Forget a context",
+                    "parameters": [_CONTEXT],
+                    "responses": {"204": _ok("deleted"), "404": _ERROR},
+                },
+            },
+            "/v1/models/{name}/predict": {
+                "post": {
+                    "summary": "Evaluate the model on framed input ciphertexts",
+                    "parameters": [
+                        _NAME,
+                        {
+                            "name": "X-Context-Id",
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                        },
+                    ],
+                    "requestBody": {"required": True, "content": _BINARY},
+                    "responses": {
+                        "200": {
+                            "description": "framed output ciphertexts",
+                            "headers": {"Server-Timing": {"schema": {"type": "string"}}},
+                            "content": _BINARY,
+                        },
+                        "400": _ERROR,
+                        "404": _ERROR,
+                        "409": _ERROR,
+                        "413": _ERROR,
+                    },
+                }
+            },
+            "/v1/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": _ok("document", _JSON_OBJECT)},
+                }
+            },
+        },
+        "components": {
+            "responses": {
+                "Error": {
+                    "description": "error",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["error"],
+                                "properties": {
+                                    "error": {
+                                        "type": "object",
+                                        "required": ["code", "message"],
+                                        "properties": {
+                                            "code": {"type": "string"},
+                                            "message": {"type": "string"},
+                                        },
+                                    }
+                                },
+                            }
+                        }
+                    },
+                }
+            }
+        },
+    }
