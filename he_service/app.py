@@ -176,9 +176,7 @@ def _register_routes(app: Flask) -> None:
             raise BadRequest(str(exc)) from None
         if len(items) > config.max_samples_per_request:
             raise PayloadTooLarge(
-                f"{len(items)} ciphertexts: at most {config.max_samples_per_request} samples "
-                "per request, so the request",
-                config.max_predict_bytes,
+                f"a request of {len(items)} samples", config.max_samples_per_request, "samples"
             )
         inputs = []
         for index, item in enumerate(items):

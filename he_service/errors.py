@@ -74,8 +74,8 @@ class ParameterMismatch(ServiceError):
 class PayloadTooLarge(ServiceError):
     status, code = 413, "payload_too_large"
 
-    def __init__(self, what: str, limit: int) -> None:
-        super().__init__(f"{what} exceeds the limit of {limit} bytes", limit=limit)
+    def __init__(self, what: str, limit: int, unit: str = "bytes") -> None:
+        super().__init__(f"{what} exceeds the limit of {limit} {unit}", limit=limit)
 
 
 class TooManyRequests(ServiceError):

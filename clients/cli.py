@@ -1,0 +1,159 @@
+"""``he-client``: list models, predict an image or array, or run the quick-start demo."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from clients._client import HEClient, ModelSession
+from clients._errors import HEClientError
+
+__all__ = ["load_sample", "main"]
+
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+
+
+def load_sample(path: Path, shape: tuple[int, ...], *, invert: bool = False) -> np.ndarray:
+    """Read a PNG/JPEG (as grayscale, resized to the model's H x W) or a ``.npy`` array.
+
+    Raises:
+        ValueError: unreadable file or wrong number of values.
+    """
+    if path.suffix.lower() == ".npy":
+        array = np.load(path, allow_pickle=False).astype(np.float64)
+    else:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                gray = image.convert("L")
+                if len(shape) == 3 and gray.size != (shape[2], shape[1]):
+                    gray = gray.resize((shape[2], shape[1]), Image.Resampling.LANCZOS)
+                array = np.asarray(gray, dtype=np.float64)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"{path}: not a readable image ({exc})") from None
+    if invert:
+        array = 255.0 - array
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {array.size} values; the model expects shape {shape}")
+    return array.reshape(shape)
+
+
+def _print_prediction(session: ModelSession, path: Path, logits: np.ndarray) -> None:
+    label = session.card.labels[int(np.argmax(logits))]
+    print(f"{path.name}: predicted class {label}")
+    print("  logits: " + " ".join(f"{v:.3f}" for v in logits))
+    stages = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in session.last_timings.items())
+    print(f"  timings: {stages}")
+
+
+def _cmd_models(client: HEClient, _: argparse.Namespace) -> int:
+    for model in client.models():
+        print(
+            f"{model['name']}: input {model['input_shape']}, {len(model['labels'])} outputs, "
+            f"N={model['poly_modulus_degree']} - {model['description']}"
+        )
+    return 0
+
+
+def _cmd_predict(client: HEClient, args: argparse.Namespace) -> int:
+    session = client.model(args.model, keys=args.keys)
+    if args.save_keys:
+        session.save_keys(args.save_keys)
+    for path in args.files:
+        sample = load_sample(path, session.card.input_shape, invert=args.invert)
+        _print_prediction(session, path, session.predict(sample))
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _cmd_demo(_: HEClient | None, args: argparse.Namespace) -> int:
+    """Start ``he-service serve`` on loopback, classify the shipped sample digits, stop it."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "he_service.cli", "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with HEClient(url, timeout=args.timeout) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                if server.poll() is not None:
+                    reason = server.stderr.read() if server.stderr else ""
+                    print(f"he-client: the server exited: {reason}", file=sys.stderr)
+                    return 1
+                try:
+                    client.health()
+                    break
+                except HEClientError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            print(f"server up at {url}; making CKKS keys and uploading the public context...")
+            session = client.model("mnist-cnn")
+            print(
+                f"context {session.context_id[:16]}… uploaded "
+                f"({len(session.public_context()) / 1e6:.1f} MB, no secret key)"
+            )
+            correct = 0
+            samples = sorted(SAMPLES_DIR.glob("*.png"))
+            for path in samples:
+                sample = load_sample(path, session.card.input_shape)
+                logits = session.predict(sample)
+                _print_prediction(session, path, logits)
+                truth = path.stem.rsplit("-", 1)[-1]
+                correct += session.card.labels[int(np.argmax(logits))] == truth
+            print(f"{correct}/{len(samples)} encrypted predictions match the true digit")
+            return 0
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run it; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="he-client", description=__doc__)
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
+    parser.add_argument("--timeout", type=float, default=300.0, help="HTTP timeout in seconds")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("models", help="list the served models")
+    predict = commands.add_parser("predict", help="encrypt files, predict, decrypt")
+    predict.add_argument("--model", required=True)
+    predict.add_argument("--keys", type=Path, help="key file from --save-keys (else new keys)")
+    predict.add_argument("--save-keys", type=Path, help="write all keys (secret too) here, 0600")
+    predict.add_argument("--invert", action="store_true", help="invert dark-on-light images")
+    predict.add_argument("files", nargs="+", type=Path, help="PNG/JPEG images or .npy arrays")
+    commands.add_parser("demo", help="start a local server and classify sample digits")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            return _cmd_demo(None, args)
+        with HEClient(args.url, timeout=args.timeout) as client:
+            handler = {"models": _cmd_models, "predict": _cmd_predict}[args.command]
+            return handler(client, args)
+    except (HEClientError, ValueError, OSError) as exc:
+        print(f"he-client: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

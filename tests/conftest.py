@@ -1,0 +1,58 @@
+"""Shared fixtures: the shipped model, an in-process app and client, one key set per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from flask import Flask
+
+from clients import HEClient, ModelSession
+from he_service import create_app
+from he_service.artifacts import ModelArtifact, load_artifact
+from he_service.config import DEFAULT_MODELS_DIR
+
+MNIST_DIR = DEFAULT_MODELS_DIR / "mnist-cnn"
+
+
+@pytest.fixture(scope="session")
+def mnist_artifact() -> ModelArtifact:
+    return load_artifact(MNIST_DIR)
+
+
+@pytest.fixture(scope="session")
+def app() -> Flask:
+    return create_app()
+
+
+@pytest.fixture(scope="session")
+def client(app: Flask) -> Iterator[HEClient]:
+    with HEClient("http://testserver", transport=httpx.WSGITransport(app=app)) as he_client:
+        yield he_client
+
+
+@pytest.fixture(scope="session")
+def session(client: HEClient) -> ModelSession:
+    """Keys for mnist-cnn, generated once: key generation takes seconds."""
+    return client.model("mnist-cnn")
+
+
+@pytest.fixture(scope="session")
+def mnist_test_images() -> tuple[np.ndarray, np.ndarray]:
+    from models.datasets import load_mnist_split
+
+    split = load_mnist_split(0)
+    return split.x_test, split.y_test
+
+
+@pytest.fixture
+def models_dir_copy(tmp_path: Path) -> Path:
+    """A private copy of the shipped mnist-cnn artifact that a test may damage."""
+    import shutil
+
+    target = tmp_path / "models"
+    shutil.copytree(MNIST_DIR, target / "mnist-cnn")
+    return target

@@ -1,0 +1,67 @@
+"""Random small networks built from the artifact layer kinds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from he_service.artifacts import Conv2d, Flatten, Layer, Linear, ModelArtifact, Poly
+
+
+def make_artifact(layers: list[Layer], input_shape: tuple[int, ...]) -> ModelArtifact:
+    """Wrap layers in an artifact the way ``load_artifact`` would."""
+    probe = ModelArtifact("random", "", input_shape, {}, tuple(layers), ("0",), {}, Path("."))
+    outputs = probe.layer_shapes()[-1][0]
+    return ModelArtifact(
+        "random",
+        "",
+        input_shape,
+        {},
+        tuple(layers),
+        tuple(map(str, range(outputs))),
+        {},
+        Path("."),
+    )
+
+
+def random_network(rng: np.random.Generator) -> tuple[ModelArtifact, np.ndarray]:
+    """Return a random conv or MLP network with odd sizes, and one random input."""
+
+    def poly() -> Poly:
+        return Poly((rng.normal() * 0.1, rng.normal() * 0.5, 0.2 + abs(rng.normal()) * 0.2))
+
+    layers: list[Layer] = []
+    if rng.random() < 0.5:
+        channels, size = int(rng.integers(1, 3)), int(rng.integers(5, 11))
+        shape: tuple[int, ...] = (channels, size, size)
+        for _ in range(int(rng.integers(1, 3))):
+            out_ch, k = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+            stride, pad = int(rng.integers(1, 3)), int(rng.integers(0, 2))
+            layers += [
+                Conv2d(
+                    rng.normal(size=(out_ch, channels, k, k)) / k,
+                    rng.normal(size=out_ch) * 0.1,
+                    (stride, stride),
+                    (pad, pad),
+                ),
+                poly(),
+            ]
+            size = (size + 2 * pad - k) // stride + 1
+            channels = out_ch
+        layers.append(Flatten())
+        width = channels * size * size
+    else:
+        width = int(rng.integers(3, 40))
+        shape = (width,)
+    for _ in range(int(rng.integers(1, 3))):
+        out = int(rng.integers(2, 24))
+        weight = rng.normal(size=(out, width)) / np.sqrt(width)
+        layers.append(Linear(weight, rng.normal(size=out) * 0.1))
+        if rng.random() < 0.7:
+            layers.append(poly())
+        width = out
+    outputs = int(rng.integers(2, 11))
+    weight = rng.normal(size=(outputs, width)) / np.sqrt(width)
+    layers.append(Linear(weight, rng.normal(size=outputs) * 0.1))
+    return make_artifact(layers, shape), rng.normal(size=shape)

@@ -1,0 +1,62 @@
+"""Real encryption of small random networks against the plain polynomial network."""
+
+import numpy as np
+import pytest
+import tenseal.sealapi as seal
+
+from clients import KeySet
+from he_service.engine import EncryptedEvaluator, EvaluationError, compile_plan, forward_plain
+from he_service.protocol import decode_key_bundle, decode_output, encode_input, load_seal
+
+from .networks import random_network
+
+
+def _load_keys(keys: KeySet, evaluator: EncryptedEvaluator):  # type: ignore[no-untyped-def]
+    bundle = decode_key_bundle(keys.public_context)
+    relin = load_seal(seal.RelinKeys, bundle.sections["relin_keys"], evaluator.context, what="rk")
+    galois = None
+    if "galois_keys" in bundle.sections:
+        galois = load_seal(
+            seal.GaloisKeys, bundle.sections["galois_keys"], evaluator.context, what="gk"
+        )
+    return relin, galois
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 5])
+def test_encrypted_random_networks_match_plaintext(seed: int) -> None:
+    artifact, x = random_network(np.random.default_rng(seed))
+    plan = compile_plan(artifact)
+    evaluator = EncryptedEvaluator(plan)
+    keys = KeySet.generate(plan.params, plan.galois_steps)
+    relin, galois = _load_keys(keys, evaluator)
+    ct = load_seal(
+        seal.Ciphertext,
+        keys.encrypt(encode_input(x, plan.input_encoding)),
+        evaluator.context,
+        what="input",
+    )
+    evaluator.check_input(ct)
+    out = evaluator.evaluate(ct, relin, galois)
+    from he_service.protocol import save_seal
+
+    slots = keys.decrypt(save_seal(out))
+    expected = forward_plain(artifact, x)
+    np.testing.assert_allclose(decode_output(slots, plan.output_decoding), expected, atol=1e-2)
+    assert np.abs(slots[expected.size :]).max() < 1e-2
+
+
+def test_wrong_scale_and_level_are_refused() -> None:
+    artifact, _ = random_network(np.random.default_rng(0))
+    plan = compile_plan(artifact)
+    evaluator = EncryptedEvaluator(plan)
+    keys = KeySet.generate(plan.params, ())
+    context = evaluator.context
+    plain = seal.Plaintext()
+    seal.CKKSEncoder(context).encode([1.0], 2.0**20, plain)
+    ct = seal.Ciphertext()
+    seal.Encryptor(context, keys.secret_key).encrypt_symmetric(plain, ct)
+    with pytest.raises(EvaluationError, match="scale"):
+        evaluator.check_input(ct)
+    seal.Evaluator(context).mod_switch_to_next_inplace(ct)
+    with pytest.raises(EvaluationError, match="wrong level"):
+        evaluator.check_input(ct)

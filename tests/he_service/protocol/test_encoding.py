@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from he_service.artifacts import Conv2d
+from he_service.engine.reference import conv2d
+from he_service.protocol import ProtocolError, decode_output, encode_input, im2col, preprocess
+
+
+def test_im2col_matches_a_direct_convolution() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 9, 7))
+    layer = Conv2d(rng.normal(size=(3, 2, 3, 2)), rng.normal(size=3), (2, 1), (1, 0))
+    direct = np.zeros((3, 5, 6))
+    padded = np.pad(x, ((0, 0), (1, 1), (0, 0)))
+    for c in range(3):
+        for i in range(5):
+            for j in range(6):
+                patch = padded[:, 2 * i : 2 * i + 3, j : j + 2]
+                direct[c, i, j] = np.sum(patch * layer.weight[c]) + layer.bias[c]
+    np.testing.assert_allclose(conv2d(x, layer), direct)
+    assert im2col(x, (3, 2), (2, 1), (1, 0)).shape == (12, 30)
+
+
+def test_im2col_encoding_puts_row_k_in_block_k() -> None:
+    x = np.arange(16.0).reshape(1, 4, 4)
+    spec = {
+        "kind": "im2col",
+        "kernel": [2, 2],
+        "stride": [2, 2],
+        "padding": [0, 0],
+        "rows": 4,
+        "windows": 4,
+        "block": 4,
+        "slot_count": 32,
+    }
+    slots = encode_input(x, spec)
+    patches = im2col(x, (2, 2), (2, 2), (0, 0))
+    np.testing.assert_array_equal(slots[:16].reshape(4, 4), patches)
+    assert not slots[16:].any()
+
+
+def test_replicated_encoding_repeats_with_its_period() -> None:
+    x = np.array([1.0, 2.0, 3.0])
+    slots = encode_input(x, {"kind": "replicated", "length": 3, "period": 4, "slot_count": 16})
+    np.testing.assert_array_equal(slots, np.tile([1.0, 2.0, 3.0, 0.0], 4))
+
+
+def test_output_decoding_reads_the_prefix() -> None:
+    np.testing.assert_array_equal(
+        decode_output(np.arange(8.0), {"kind": "prefix", "length": 3}), [0.0, 1.0, 2.0]
+    )
+
+
+def test_preprocess_scales_and_standardises_per_channel() -> None:
+    x = np.full((2, 2, 2), 255.0)
+    out = preprocess(x, {"scale": 1 / 255, "mean": [0.5, 0.0], "std": [0.5, 2.0]}, (2, 2, 2))
+    np.testing.assert_allclose(out[0], 1.0)
+    np.testing.assert_allclose(out[1], 0.5)
+
+
+@pytest.mark.parametrize("bad", [np.zeros(5), np.full(4, np.nan)])
+def test_preprocess_refuses_wrong_size_and_non_finite(bad: np.ndarray) -> None:
+    with pytest.raises(ProtocolError):
+        preprocess(bad, {}, (4,))
+
+
+def test_unknown_encodings_are_refused() -> None:
+    with pytest.raises(ProtocolError, match="unknown input encoding"):
+        encode_input(np.zeros(2), {"kind": "nope", "slot_count": 4})
+    with pytest.raises(ProtocolError, match="unknown output decoding"):
+        decode_output(np.zeros(2), {"kind": "nope"})
