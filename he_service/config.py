@@ -52,9 +52,8 @@ class Config:
             try:
                 converted[name] = kind(value)
             except (TypeError, ValueError):
-                raise ValueError(
-                    f"configuration {name}={value!r} is not a {kind.__name__}"
-                ) from None
+                expected = "a path" if kind is Path else "an integer"
+                raise ValueError(f"configuration {name}={value!r} is not {expected}") from None
             if kind is int and converted[name] <= 0:
                 raise ValueError(f"configuration {name} must be positive, got {value!r}")
         return cls(**converted)

@@ -1,0 +1,39 @@
+"""Encrypted predictions agree with the plaintext polynomial network on held-out digits."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from clients import ModelSession
+from he_service.artifacts import ModelArtifact
+from he_service.engine import forward_plain
+from he_service.protocol import preprocess
+
+# 100 images keep the suite fast; HE_AGREEMENT_SAMPLES=1000 checks the whole held-out split.
+SAMPLES = int(os.environ.get("HE_AGREEMENT_SAMPLES", "100"))
+
+
+def test_encrypted_argmax_agrees_with_plaintext_on_held_out_images(
+    session: ModelSession,
+    mnist_artifact: ModelArtifact,
+    mnist_test_images: tuple[np.ndarray, np.ndarray],
+    record_property: pytest.RecordProperty,
+) -> None:
+    images = mnist_test_images[0][:SAMPLES]
+    encrypted = session.predict_many(images)
+    plain = np.stack(
+        [
+            forward_plain(mnist_artifact, preprocess(x, mnist_artifact.preprocessing, (1, 28, 28)))
+            for x in images
+        ]
+    )
+    agreement = float(np.mean(encrypted.argmax(axis=1) == plain.argmax(axis=1)))
+    max_error = float(np.abs(encrypted - plain).max())
+    record_property("agreement", agreement)
+    record_property("max_abs_logit_error", max_error)
+    print(f"\nagreement {agreement:.4f} on {len(images)} images, max |logit error| {max_error:.2e}")
+    assert agreement >= 0.99
+    assert max_error < 0.05

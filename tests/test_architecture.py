@@ -1,0 +1,111 @@
+"""Dependency rules of DESIGN.md and the pinned public APIs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import clients
+import he_service.engine
+import he_service.protocol
+
+_BLOCK = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ImportError('forbidden import: ' + name)
+sys.meta_path.insert(0, Block())
+import {module}
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "blocked"),
+    [
+        ("clients", {"flask", "torch", "werkzeug", "waitress"}),
+        ("clients.cli", {"flask", "torch", "werkzeug", "waitress"}),
+        ("he_service.protocol", {"flask", "torch", "httpx"}),
+        ("he_service.app", {"torch"}),
+        ("he_service.cli", {"torch"}),
+    ],
+)
+def test_dependency_rules(module: str, blocked: set[str]) -> None:
+    code = _BLOCK.format(blocked=sorted(blocked), module=module)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_server_app_really_loads_without_torch() -> None:
+    code = _BLOCK.format(blocked=["torch"], module="he_service.app") + (
+        "\nfrom he_service import create_app\ncreate_app()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_public_apis_are_pinned() -> None:
+    assert sorted(clients.__all__) == sorted(
+        [
+            "BadRequestError",
+            "ContextNotFoundError",
+            "HEClient",
+            "HEClientError",
+            "KeySet",
+            "ModelNotFoundError",
+            "ModelSession",
+            "NotFoundError",
+            "ParameterMismatchError",
+            "PayloadTooLargeError",
+            "RateLimitedError",
+            "ServerError",
+            "ServiceUnavailableError",
+            "TransportError",
+        ]
+    )
+    assert sorted(he_service.protocol.__all__) == sorted(
+        [
+            "CARD_VERSION",
+            "MEDIA_TYPE",
+            "CkksParams",
+            "KeyBundle",
+            "ModelCard",
+            "ProtocolError",
+            "decode_frames",
+            "decode_key_bundle",
+            "decode_output",
+            "encode_frames",
+            "encode_input",
+            "encode_key_bundle",
+            "galois_element",
+            "im2col",
+            "load_seal",
+            "preprocess",
+            "save_seal",
+            "seal_context",
+        ]
+    )
+    assert sorted(he_service.engine.__all__) == sorted(
+        [
+            "AffineStep",
+            "CompileError",
+            "EncryptedEvaluator",
+            "EvaluationError",
+            "ParameterError",
+            "Plan",
+            "SquareStep",
+            "Timings",
+            "choose_params",
+            "compile_plan",
+            "forward_plain",
+        ]
+    )
+    for module in (clients, he_service.protocol, he_service.engine):
+        for name in module.__all__:
+            assert hasattr(module, name), f"{module.__name__}.{name}"

@@ -1,0 +1,120 @@
+"""The real `he-service serve` process on loopback, driven by the real `he-client` command."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from clients.cli import SAMPLES_DIR
+from he_service.artifacts import ModelArtifact
+from he_service.engine import forward_plain
+from he_service.protocol import preprocess
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _cli(name: str) -> list[str]:
+    return [sys.executable, "-m", f"{name}.cli"]
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    port = _free_port()
+    process = subprocess.Popen(
+        [*_cli("he_service"), "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not start in 60 s"
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def _run(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [*_cli("clients"), "--url", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+
+
+def test_served_by_waitress_on_loopback(server_url: str) -> None:
+    response = httpx.get(f"{server_url}/v1/health")
+    assert response.headers["Server"] == "he-service"
+    assert response.json()["models"] == ["mnist-cnn"]
+
+
+def test_he_client_lists_models(server_url: str) -> None:
+    result = _run("models", url=server_url)
+    assert result.returncode == 0, result.stderr
+    assert "mnist-cnn: input [1, 28, 28]" in result.stdout
+
+
+def test_he_client_predicts_png_and_npy_with_saved_keys(
+    server_url: str, tmp_path: Path, mnist_artifact: ModelArtifact
+) -> None:
+    png = sorted(SAMPLES_DIR.glob("*.png"))[0]
+    from clients.cli import load_sample
+
+    image = load_sample(png, (1, 28, 28))
+    npy = tmp_path / "digit.npy"
+    np.save(npy, image)
+    expected = int(
+        np.argmax(
+            forward_plain(
+                mnist_artifact, preprocess(image, mnist_artifact.preprocessing, (1, 28, 28))
+            )
+        )
+    )
+    keys = tmp_path / "keys.bin"
+    first = _run(
+        "predict", "--model", "mnist-cnn", "--save-keys", str(keys), str(png), url=server_url
+    )
+    assert first.returncode == 0, first.stderr
+    assert f"predicted class {expected}" in first.stdout
+    assert re.search(r"server_affine [0-9.]+ ms", first.stdout)
+    assert keys.stat().st_mode & 0o777 == 0o600
+    second = _run("predict", "--model", "mnist-cnn", "--keys", str(keys), str(npy), url=server_url)
+    assert second.returncode == 0, second.stderr
+    assert f"predicted class {expected}" in second.stdout
+
+
+def test_he_client_reports_errors_without_traceback(server_url: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros(5))
+    result = _run("predict", "--model", "nope", str(bad), url=server_url)
+    assert result.returncode == 1
+    assert "no model named 'nope'" in result.stderr and "Traceback" not in result.stderr
