@@ -60,3 +60,15 @@ def test_wrong_scale_and_level_are_refused() -> None:
     seal.Evaluator(context).mod_switch_to_next_inplace(ct)
     with pytest.raises(EvaluationError, match="wrong level"):
         evaluator.check_input(ct)
+
+
+def test_selfcheck_is_reproducible_per_seed_and_matches_plaintext() -> None:
+    from he_service.engine.selfcheck import encrypted_outputs
+
+    artifact, x = random_network(np.random.default_rng(7))
+    plan = compile_plan(artifact)
+    first = encrypted_outputs(plan, [x, -x], seed=1)
+    assert np.array_equal(first, encrypted_outputs(plan, [x, -x], seed=1))
+    assert not np.array_equal(first, encrypted_outputs(plan, [x, -x], seed=2))
+    expected = np.stack([forward_plain(artifact, x), forward_plain(artifact, -x)])
+    np.testing.assert_allclose(first, expected, atol=1e-2)
