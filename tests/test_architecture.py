@@ -95,10 +95,13 @@ def test_public_apis_are_pinned() -> None:
         [
             "AffineStep",
             "CompileError",
+            "CubicStep",
             "EncryptedEvaluator",
             "EvaluationError",
             "ParameterError",
             "Plan",
+            "PolyStep",
+            "QuarticStep",
             "SquareStep",
             "Timings",
             "choose_params",

@@ -3,16 +3,19 @@
 from he_service.engine.compiler import CompileError, compile_plan
 from he_service.engine.evaluator import EncryptedEvaluator, EvaluationError, Timings
 from he_service.engine.params import ParameterError, choose_params
-from he_service.engine.plan import AffineStep, Plan, SquareStep
+from he_service.engine.plan import AffineStep, CubicStep, Plan, PolyStep, QuarticStep, SquareStep
 from he_service.engine.reference import forward_plain
 
 __all__ = [
     "AffineStep",
     "CompileError",
+    "CubicStep",
     "EncryptedEvaluator",
     "EvaluationError",
     "ParameterError",
     "Plan",
+    "PolyStep",
+    "QuarticStep",
     "SquareStep",
     "Timings",
     "choose_params",

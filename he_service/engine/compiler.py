@@ -23,10 +23,20 @@ import numpy as np
 
 from he_service.artifacts import Conv2d, Flatten, Linear, ModelArtifact, Poly
 from he_service.engine.params import choose_params
-from he_service.engine.plan import AffineStep, Plan, SquareStep, Step
+from he_service.engine.plan import (
+    AffineStep,
+    CubicStep,
+    Plan,
+    PolyStep,
+    QuarticStep,
+    SquareStep,
+    Step,
+)
 from he_service.engine.reference import conv2d
 
-__all__ = ["CompileError", "compile_plan"]
+__all__ = ["MAX_POLY_DEGREE", "CompileError", "compile_plan"]
+
+MAX_POLY_DEGREE = 4
 
 
 class CompileError(ValueError):
@@ -66,7 +76,7 @@ def compile_plan(artifact: ModelArtifact) -> Plan:
         CompileError: a layer or activation the engine cannot evaluate.
     """
     ops = _normalise(artifact)
-    depth = len(ops)
+    depth = sum(1 if isinstance(op, _Affine) else op.levels for op in ops)
     first = ops[0]
     assert isinstance(first, _Affine)
     widths = [_next_pow2(op.matrix.shape[0]) for op in ops if isinstance(op, _Affine)]
@@ -97,7 +107,7 @@ def compile_plan(artifact: ModelArtifact) -> Plan:
     affine_count = sum(isinstance(op, _Affine) for op in ops)
     seen = 0
     for op in ops:
-        if isinstance(op, SquareStep):
+        if not isinstance(op, _Affine):
             steps.append(op)
             continue
         seen += 1
@@ -118,10 +128,11 @@ def compile_plan(artifact: ModelArtifact) -> Plan:
     return plan
 
 
-def _normalise(artifact: ModelArtifact) -> list[_Affine | SquareStep]:
+def _normalise(artifact: ModelArtifact) -> list[_Affine | PolyStep]:
     shapes = artifact.layer_shapes()
-    ops: list[_Affine | SquareStep] = []
-    pending_square: Poly | None = None  # a square whose outer coefficients await the next map
+    ops: list[_Affine | PolyStep] = []
+    # y_true = scale * y + offset for the last activation; both wait for the next affine map.
+    pending: tuple[float, float] | None = None
 
     for index, layer in enumerate(artifact.layers):
         in_shape = shapes[index]
@@ -129,12 +140,12 @@ def _normalise(artifact: ModelArtifact) -> list[_Affine | SquareStep]:
             continue
         if isinstance(layer, Conv2d | Linear):
             affine = _affine_of(layer, in_shape, first=not ops)
-            if pending_square is not None:
-                c0, _, c2 = pending_square.coeffs
-                # W (c2 z^2 + c0) + b = (c2 W) z^2 + (b + c0 W 1)
-                affine.bias = affine.bias + c0 * affine.matrix.sum(axis=1)
-                affine.matrix = affine.matrix * c2
-                pending_square = None
+            if pending is not None:
+                scale, offset = pending
+                # W (scale y + offset) + b = (scale W) y + (b + offset W 1)
+                affine.bias = affine.bias + offset * affine.matrix.sum(axis=1)
+                affine.matrix = affine.matrix * scale
+                pending = None
             if ops and isinstance(ops[-1], _Affine):
                 previous = ops.pop()
                 assert isinstance(previous, _Affine)
@@ -146,38 +157,54 @@ def _normalise(artifact: ModelArtifact) -> list[_Affine | SquareStep]:
             ops.append(affine)
             continue
         assert isinstance(layer, Poly)
-        coeffs = list(layer.coeffs) + [0.0] * (3 - len(layer.coeffs))
-        if layer.degree > 2:
+        if layer.degree > MAX_POLY_DEGREE:
             raise CompileError(
                 f"layers[{index}]: polynomial of degree {layer.degree}; the engine evaluates "
-                "degree <= 2 (refit the activation with degree 2)"
+                f"degree <= {MAX_POLY_DEGREE} (refit the activation with a lower degree)"
             )
         if not ops or not isinstance(ops[-1], _Affine):
             raise CompileError(
                 f"layers[{index}]: an activation must follow a conv2d or linear layer"
             )
         previous = ops[-1]
-        c0, c1, c2 = coeffs[:3]
-        if c2 == 0.0:  # affine activation: merge into the previous map
+        coeffs = np.array(layer.coeffs[: layer.degree + 1])
+        if layer.degree <= 1:  # affine activation: merge into the previous map
+            c0 = float(coeffs[0])
+            c1 = float(coeffs[1]) if coeffs.size > 1 else 0.0
             previous.bias = c1 * previous.bias + c0
             previous.matrix = c1 * previous.matrix
             continue
-        # c2 x^2 + c1 x + c0 = c2 (x + h)^2 + (c0 - c2 h^2) with h = c1 / (2 c2):
-        # the shift goes into the previous bias, c2 and the constant into the next map.
-        shift = c1 / (2.0 * c2)
-        previous.bias = previous.bias + shift
-        ops.append(SquareStep(f"x^2 ({len(previous.bias)} values)"))
-        pending_square = Poly((c0 - c2 * shift * shift, 0.0, c2))
-    if pending_square is not None:
-        size = shapes[-1][0] if len(shapes[-1]) == 1 else math.prod(shapes[-1])
-        ops.append(
-            _Affine(
-                np.eye(size) * pending_square.coeffs[2], np.full(size, pending_square.coeffs[0])
-            )
-        )
+        step, shift, scale, offset = _depressed(coeffs)
+        previous.bias = previous.bias + shift  # the step sees z = x + shift
+        ops.append(step)
+        pending = (scale, offset)
+    if pending is not None:
+        size = math.prod(shapes[-1])
+        ops.append(_Affine(np.eye(size) * pending[0], np.full(size, pending[1])))
     if not ops or not isinstance(ops[0], _Affine):
         raise CompileError("the network must start with a conv2d or linear layer")
     return ops
+
+
+def _depressed(coeffs: np.ndarray) -> tuple[PolyStep, float, float, float]:
+    """Write ``p(x) = scale * step(x + shift) + offset`` with the cheapest step.
+
+    Dividing by the leading coefficient and shifting x by ``c[d-1] / (d c[d])`` removes the
+    x^(d-1) term; what is left is x^2, x (x^2 + k) or (x^2 + k)^2 + m x, plus a constant. The
+    shift goes into the previous bias, the scale and constant into the next map: no level.
+    """
+    degree = len(coeffs) - 1
+    lead = float(coeffs[-1])
+    shift = float(coeffs[-2] / (degree * lead))
+    monic = np.polynomial.Polynomial(coeffs / lead)
+    r = (monic(np.polynomial.Polynomial([-shift, 1.0]))).coef
+    r = np.concatenate([r, np.zeros(degree + 1 - r.size)])
+    if degree == 2:
+        return SquareStep(), shift, lead, lead * float(r[0])
+    if degree == 3:
+        return CubicStep(float(r[1])), shift, lead, lead * float(r[0])
+    k = float(r[2]) / 2.0
+    return QuarticStep(k, float(r[1])), shift, lead, lead * (float(r[0]) - k * k)
 
 
 def _affine_of(layer: Conv2d | Linear, in_shape: tuple[int, ...], *, first: bool) -> _Affine:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tenseal.sealapi as seal
 
-from he_service.engine.plan import AffineStep, Plan, SquareStep
+from he_service.engine.plan import AffineStep, CubicStep, Plan, PolyStep, SquareStep
 from he_service.protocol.params import seal_context
 
 __all__ = ["EncryptedEvaluator", "EvaluationError", "Timings"]
@@ -41,6 +41,16 @@ class _EncodedAffine:
     bias: seal.Plaintext
 
 
+@dataclass
+class _EncodedPoly:
+    """Constants of a polynomial step, encoded at the level and scale where they are added."""
+
+    step: PolyStep
+    k: seal.Plaintext | None = None  # added to x^2 (one level down)
+    m: seal.Plaintext | None = None  # multiplies x, landing on the scale of (x^2 + k)^2
+    output_scale: float = 0.0
+
+
 class EncryptedEvaluator:
     """A plan bound to SEAL objects, with every plaintext pre-encoded."""
 
@@ -54,30 +64,56 @@ class EncryptedEvaluator:
         while data is not None:
             levels.append(data)
             data = data.next_context_data()
-        if len(levels) < len(plan.steps) + 1:
+        if len(levels) < plan.depth + 1:
             raise EvaluationError("parameters hold fewer levels than the plan needs")
         self.input_parms_id = levels[0].parms_id()
         self.input_scale = plan.params.scale
         scale = self.input_scale
-        self._encoded: list[_EncodedAffine | None] = []
-        for depth, step in enumerate(plan.steps):
-            prime = float(levels[depth].parms().coeff_modulus()[-1].value())
-            if isinstance(step, SquareStep):
-                scale = (scale * scale) / prime
-                self._encoded.append(None)
+        level = 0
+        self._encoded: list[_EncodedAffine | _EncodedPoly] = []
+
+        def prime(at: int) -> float:
+            return float(levels[at].parms().coeff_modulus()[-1].value())
+
+        # Scales are tracked with the same double arithmetic SEAL uses (multiply, then
+        # divide by the dropped prime), so constants can be encoded ahead of time.
+        for step in plan.steps:
+            if isinstance(step, AffineStep):
+                terms = {
+                    key: self._encode(diag, levels[level].parms_id(), prime(level))
+                    for key, diag in step.terms.items()
+                }
+                scale = (scale * prime(level)) / prime(level)
+                bias = self._encode(step.bias, levels[level + 1].parms_id(), scale)
+                self._encoded.append(_EncodedAffine(step, terms, bias))
+                level += 1
                 continue
-            terms = {
-                key: self._encode(diag, levels[depth].parms_id(), prime)
-                for key, diag in step.terms.items()
-            }
-            scale = (scale * prime) / prime
-            bias = self._encode(step.bias, levels[depth + 1].parms_id(), scale)
-            self._encoded.append(_EncodedAffine(step, terms, bias))
+            squared = (scale * scale) / prime(level)
+            encoded = _EncodedPoly(step)
+            if isinstance(step, SquareStep):
+                encoded.output_scale = squared
+            elif isinstance(step, CubicStep):
+                encoded.k = self._encode_scalar(step.k, levels[level + 1].parms_id(), squared)
+                encoded.output_scale = (scale * squared) / prime(level + 1)
+            else:
+                encoded.k = self._encode_scalar(step.k, levels[level + 1].parms_id(), squared)
+                encoded.output_scale = (squared * squared) / prime(level + 1)
+                # m x must reach output_scale after one rescale by prime(level).
+                m_scale = encoded.output_scale * prime(level) / scale
+                encoded.m = self._encode_scalar(step.m, levels[level].parms_id(), m_scale)
+            scale = encoded.output_scale
+            self._encoded.append(encoded)
+            level += step.levels
         self.output_scale = scale
 
     def _encode(self, values: np.ndarray, parms_id: list[int], scale: float) -> seal.Plaintext:
         plain = seal.Plaintext()
         self._encoder.encode(values.tolist(), parms_id, scale, plain)
+        return plain
+
+    def _encode_scalar(self, value: float, parms_id: list[int], scale: float) -> seal.Plaintext:
+        plain = seal.Plaintext()
+        self._encoder.encode(float(value), parms_id, scale, plain)
         return plain
 
     def check_input(self, ct: seal.Ciphertext) -> None:
@@ -120,19 +156,54 @@ class EncryptedEvaluator:
         Returns:
             The output ciphertext (outputs in the decoded slots, zeros elsewhere).
         """
-        ev = self._evaluator
         timings = timings or Timings()
         for encoded in self._encoded:
             start = time.perf_counter()
-            if encoded is None:
-                ev.square_inplace(ct)
-                ev.relinearize_inplace(ct, relin_keys)
-                ev.rescale_to_next_inplace(ct)
-                timings.add("square", time.perf_counter() - start)
-                continue
-            ct = self._affine(ct, encoded, galois_keys)
-            timings.add("affine", time.perf_counter() - start)
+            if isinstance(encoded, _EncodedAffine):
+                ct = self._affine(ct, encoded, galois_keys)
+                timings.add("affine", time.perf_counter() - start)
+            else:
+                ct = self._poly(ct, encoded, relin_keys)
+                timings.add("activation", time.perf_counter() - start)
         return ct
+
+    def _square(self, ct: seal.Ciphertext, relin_keys: seal.RelinKeys) -> seal.Ciphertext:
+        ev = self._evaluator
+        out = seal.Ciphertext()
+        ev.square(ct, out)
+        ev.relinearize_inplace(out, relin_keys)
+        ev.rescale_to_next_inplace(out)
+        return out
+
+    def _poly(
+        self, x: seal.Ciphertext, encoded: _EncodedPoly, relin_keys: seal.RelinKeys
+    ) -> seal.Ciphertext:
+        ev = self._evaluator
+        squared = self._square(x, relin_keys)
+        if isinstance(encoded.step, SquareStep):
+            return squared
+        assert encoded.k is not None
+        ev.add_plain_inplace(squared, encoded.k)
+        if isinstance(encoded.step, CubicStep):
+            lowered = seal.Ciphertext()
+            ev.mod_switch_to_next(x, lowered)
+            out = seal.Ciphertext()
+            ev.multiply(lowered, squared, out)
+            ev.relinearize_inplace(out, relin_keys)
+            ev.rescale_to_next_inplace(out)
+            return out
+        out = self._square(squared, relin_keys)
+        assert encoded.m is not None
+        linear = seal.Ciphertext()
+        ev.multiply_plain(x, encoded.m, linear)
+        ev.rescale_to_next_inplace(linear)
+        ev.mod_switch_to_next_inplace(linear)
+        # Equal up to rounding of the double scale arithmetic; SEAL wants them identical.
+        if abs(linear.scale - out.scale) > 1e-9 * out.scale:
+            raise EvaluationError("internal scale mismatch in a quartic activation")
+        linear.scale = out.scale
+        ev.add_inplace(out, linear)
+        return out
 
     def _affine(
         self, ct: seal.Ciphertext, encoded: _EncodedAffine, galois_keys: seal.GaloisKeys | None

@@ -6,14 +6,14 @@ Every step consumes exactly one level. A plan can be simulated on plain slot vec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from he_service.protocol.params import CkksParams
 
-__all__ = ["AffineStep", "Plan", "SquareStep", "rotate"]
+__all__ = ["AffineStep", "CubicStep", "Plan", "PolyStep", "QuarticStep", "SquareStep", "rotate"]
 
 
 def rotate(vector: np.ndarray, step: int) -> np.ndarray:
@@ -35,6 +35,7 @@ class AffineStep:
     bias: np.ndarray
     fold_steps: tuple[int, ...]
     description: str
+    levels: int = field(default=1, init=False)
 
     @property
     def baby_steps(self) -> list[int]:
@@ -75,12 +76,39 @@ class SquareStep:
     """``y = x * x`` on every slot (polynomial coefficients are folded into neighbours)."""
 
     description: str = "x^2"
+    levels: int = field(default=1, init=False)
 
     def simulate(self, x: np.ndarray) -> np.ndarray:
         return x * x
 
 
-Step = AffineStep | SquareStep
+@dataclass(frozen=True)
+class CubicStep:
+    """``y = x * (x^2 + k)``: every monic cubic after a shift of x, in two levels."""
+
+    k: float
+    description: str = "x (x^2 + k)"
+    levels: int = field(default=2, init=False)
+
+    def simulate(self, x: np.ndarray) -> np.ndarray:
+        return x * (x * x + self.k)
+
+
+@dataclass(frozen=True)
+class QuarticStep:
+    """``y = (x^2 + k)^2 + m x``: every monic quartic after a shift of x, in two levels."""
+
+    k: float
+    m: float
+    description: str = "(x^2 + k)^2 + m x"
+    levels: int = field(default=2, init=False)
+
+    def simulate(self, x: np.ndarray) -> np.ndarray:
+        return (x * x + self.k) ** 2 + self.m * x
+
+
+PolyStep = SquareStep | CubicStep | QuarticStep
+Step = AffineStep | PolyStep
 
 
 @dataclass(frozen=True)
@@ -104,6 +132,11 @@ class Plan:
     def rotation_count(self) -> int:
         return sum(s.rotation_count() for s in self.steps if isinstance(s, AffineStep))
 
+    @property
+    def depth(self) -> int:
+        """Return the number of rescales (levels) the plan consumes."""
+        return sum(step.levels for step in self.steps)
+
     def simulate(self, slots: np.ndarray) -> np.ndarray:
         """Run the plan on plain slots (no encryption, no noise)."""
         value = np.asarray(slots, dtype=np.float64)
@@ -113,9 +146,11 @@ class Plan:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "depth": len(self.steps),
+            "depth": self.depth,
             "rotations": self.rotation_count(),
-            "relinearizations": sum(isinstance(s, SquareStep) for s in self.steps),
+            "relinearizations": sum(
+                {SquareStep: 1, CubicStep: 2, QuarticStep: 2}.get(type(s), 0) for s in self.steps
+            ),
             "steps": [s.description for s in self.steps],
             "parameters": self.params_reason,
         }

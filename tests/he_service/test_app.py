@@ -72,7 +72,7 @@ def test_prediction_has_server_timing_and_matches_plaintext(
     images, labels = mnist_test_images
     logits = session.predict(images[0])
     assert logits.shape == (10,)
-    assert {"encrypt", "request", "server_affine", "server_square", "decrypt"} <= set(
+    assert {"encrypt", "request", "server_affine", "server_activation", "decrypt"} <= set(
         session.last_timings
     )
     assert int(np.argmax(logits)) == labels[0]

@@ -29,7 +29,10 @@ def random_network(rng: np.random.Generator) -> tuple[ModelArtifact, np.ndarray]
     """Return a random conv or MLP network with odd sizes, and one random input."""
 
     def poly() -> Poly:
-        return Poly((rng.normal() * 0.1, rng.normal() * 0.5, 0.2 + abs(rng.normal()) * 0.2))
+        degree = int(rng.integers(2, 5))
+        coeffs = [rng.normal() * 0.1, rng.normal() * 0.5, 0.2 + abs(rng.normal()) * 0.2]
+        coeffs += [rng.normal() * 0.05 for _ in range(degree - 2)]
+        return Poly(tuple(coeffs))
 
     layers: list[Layer] = []
     if rng.random() < 0.5:

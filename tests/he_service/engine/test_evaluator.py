@@ -72,3 +72,37 @@ def test_selfcheck_is_reproducible_per_seed_and_matches_plaintext() -> None:
     assert not np.array_equal(first, encrypted_outputs(plan, [x, -x], seed=2))
     expected = np.stack([forward_plain(artifact, x), forward_plain(artifact, -x)])
     np.testing.assert_allclose(first, expected, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "coeffs",
+    [
+        (0.1, 0.5, 0.25),  # ReLU-like quadratic
+        (0.0, 0.6, 0.0, -0.05),  # cubic without x^2 term
+        (0.05, 0.5, 0.3, 0.02),  # full cubic
+        (0.1, 0.5, 0.2, 0.0, -0.01),  # quartic with negative lead
+    ],
+)
+def test_every_polynomial_degree_evaluates_encrypted(coeffs: tuple[float, ...]) -> None:
+    from he_service.artifacts import Linear, Poly
+    from he_service.engine.selfcheck import encrypted_outputs
+
+    from .networks import make_artifact
+
+    rng = np.random.default_rng(len(coeffs))
+    artifact = make_artifact(
+        [
+            Linear(rng.normal(size=(12, 9)) / 3, rng.normal(size=12)),
+            Poly(coeffs),
+            Linear(rng.normal(size=(5, 12)) / 3, rng.normal(size=5)),
+            Poly(coeffs),
+        ],
+        (9,),
+    )
+    x = rng.normal(size=9) * 2
+    plan = compile_plan(artifact)
+    # two maps, two activations, and the identity map that carries the last activation's scale
+    assert plan.depth == 3 + 2 * (1 if len(coeffs) == 3 else 2)
+    np.testing.assert_allclose(
+        encrypted_outputs(plan, [x])[0], forward_plain(artifact, x), rtol=1e-3, atol=1e-3
+    )
