@@ -157,9 +157,11 @@ def _normalise(artifact: ModelArtifact) -> list[_Affine | PolyStep]:
             ops.append(affine)
             continue
         assert isinstance(layer, Poly)
-        if layer.degree > MAX_POLY_DEGREE:
+        coeffs = _significant(layer.coeffs)
+        degree = coeffs.size - 1
+        if degree > MAX_POLY_DEGREE:
             raise CompileError(
-                f"layers[{index}]: polynomial of degree {layer.degree}; the engine evaluates "
+                f"layers[{index}]: polynomial of degree {degree}; the engine evaluates "
                 f"degree <= {MAX_POLY_DEGREE} (refit the activation with a lower degree)"
             )
         if not ops or not isinstance(ops[-1], _Affine):
@@ -167,8 +169,7 @@ def _normalise(artifact: ModelArtifact) -> list[_Affine | PolyStep]:
                 f"layers[{index}]: an activation must follow a conv2d or linear layer"
             )
         previous = ops[-1]
-        coeffs = np.array(layer.coeffs[: layer.degree + 1])
-        if layer.degree <= 1:  # affine activation: merge into the previous map
+        if degree <= 1:  # affine activation: merge into the previous map
             c0 = float(coeffs[0])
             c1 = float(coeffs[1]) if coeffs.size > 1 else 0.0
             previous.bias = c1 * previous.bias + c0
@@ -184,6 +185,19 @@ def _normalise(artifact: ModelArtifact) -> list[_Affine | PolyStep]:
     if not ops or not isinstance(ops[0], _Affine):
         raise CompileError("the network must start with a conv2d or linear layer")
     return ops
+
+
+def _significant(coeffs: tuple[float, ...]) -> np.ndarray:
+    """Drop leading coefficients that are rounding noise next to the others.
+
+    Dividing by a leading coefficient of 1e-17 would shift by 1e16 and wreck the ciphertext.
+    """
+    values = np.array(coeffs, dtype=np.float64)
+    largest = float(np.max(np.abs(values))) if values.size else 0.0
+    degree = values.size - 1
+    while degree > 0 and abs(values[degree]) <= 1e-12 * largest:
+        degree -= 1
+    return values[: degree + 1]
 
 
 def _depressed(coeffs: np.ndarray) -> tuple[PolyStep, float, float, float]:

@@ -77,3 +77,20 @@ def test_conv_after_conv_compiles_as_a_sparse_map() -> None:
     plan = compile_plan(artifact)
     got = decode_output(plan.simulate(encode_input(x, plan.input_encoding)), plan.output_decoding)
     np.testing.assert_allclose(got, forward_plain(artifact, x), atol=1e-9)
+
+
+def test_negligible_leading_coefficients_lower_the_degree() -> None:
+    rng = np.random.default_rng(4)
+    artifact = make_artifact(
+        [
+            Linear(rng.normal(size=(3, 3)), np.zeros(3)),
+            Poly((0.1, 0.5, 0.25, 1e-19)),
+            Linear(rng.normal(size=(2, 3)), np.zeros(2)),
+        ],
+        (3,),
+    )
+    plan = compile_plan(artifact)
+    assert [type(s) for s in plan.steps] == [AffineStep, SquareStep, AffineStep]
+    x = rng.normal(size=3)
+    got = decode_output(plan.simulate(encode_input(x, plan.input_encoding)), plan.output_decoding)
+    np.testing.assert_allclose(got, forward_plain(artifact, x), atol=1e-9)
