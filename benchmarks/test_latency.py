@@ -14,9 +14,10 @@ import tenseal.sealapi as seal
 from flask import Flask
 
 from clients import ModelSession
+from he_service.config import DEFAULT_MODELS_DIR
 from he_service.protocol import load_seal, save_seal
 
-MODELS = ["mnist-cnn"]
+MODELS = sorted(p.name for p in DEFAULT_MODELS_DIR.iterdir() if (p / "manifest.json").is_file())
 
 
 def _sample(session: ModelSession) -> np.ndarray:

@@ -1,7 +1,10 @@
-"""Network architectures that CKKS can evaluate: only affine layers and polynomial activations.
+"""Network architectures of the shipped models, trained with ReLU and then converted.
 
 CKKS can add and multiply encrypted numbers but cannot compare them, so ReLU and max-pooling
-are out; ``x * x`` is the cheapest non-linearity and costs one multiplicative level.
+cannot run on ciphertexts as they are. The shipped models are trained as ordinary ReLU networks
+(with BatchNorm and average pooling where it helps) and then converted by ``models.convert``:
+BatchNorm folds into the neighbouring layer, pooling becomes a convolution, ReLU becomes a
+fitted polynomial. ``Square`` (x * x) is kept as is by the converter.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["MnistCNN", "Square"]
+__all__ = ["BreastCancerMLP", "DigitsCNN", "MnistReluCNN", "Square"]
 
 
 class Square(nn.Module):
@@ -27,33 +30,73 @@ class Square(nn.Module):
         return x * x
 
 
-class MnistCNN(nn.Module):
-    """The CNN of TenSEAL's encrypted MNIST tutorial.
+class MnistReluCNN(nn.Module):
+    """TenSEAL's tutorial CNN with ReLU: the network that ``mnist-cnn`` is converted from.
 
-    ``conv 1->4, 7x7, stride 3`` (28x28 -> 4x8x8) -> ``x^2`` -> flatten (C, H, W order, 256)
-    -> ``linear 256->64`` -> ``x^2`` -> ``linear 64->10``.
+    ``conv 1->4, 7x7, stride 3`` -> ReLU -> flatten -> ``linear 256->64`` -> ReLU ->
+    ``linear 64->10``; the flatten is a call in ``forward``, which the converter traces.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 4, kernel_size=7, stride=3, padding=0)
-        self.act1 = Square()
+        self.act1 = nn.ReLU()
         self.fc1 = nn.Linear(256, 64)
-        self.act2 = Square()
+        self.act2 = nn.ReLU()
         self.fc2 = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Compute class scores (logits) for a batch of preprocessed images.
+        """Compute logits for preprocessed images shaped (n, 1, 28, 28).
 
         Args:
-            x: preprocessed images shaped (n, 1, 28, 28).
+            x: preprocessed images.
 
         Returns:
             Logits shaped (n, 10).
         """
-        x = self.act1(self.conv1(x))
-        # flatten(1) keeps torch's C, H, W order, which the manifest's "flatten" layer promises.
-        x = x.flatten(1)
-        x = self.act2(self.fc1(x))
-        logits: torch.Tensor = self.fc2(x)
+        x = self.act1(self.conv1(x)).flatten(1)
+        logits: torch.Tensor = self.fc2(self.act2(self.fc1(x)))
         return logits
+
+
+class DigitsCNN(nn.Sequential):
+    """A small CNN for scikit-learn's 8x8 digits, with BatchNorm and average pooling.
+
+    ``conv 1->8 3x3 pad 1`` -> BN -> ReLU -> avgpool 2 (8x4x4) -> ``conv 8->16 3x3`` -> BN ->
+    ReLU -> flatten (16x2x2) -> dropout -> ``linear 64->10``. Converted, the pooling merges
+    with the second convolution, so the depth is 5: three linear maps and two squares. The
+    unpadded second convolution keeps the hidden vector at 64 values, which halves the
+    rotations of the encrypted evaluation compared with a padded one (256 values).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU()
+        self.pool = nn.AvgPool2d(2)
+        self.conv2 = nn.Conv2d(8, 16, kernel_size=3)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.act2 = nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.drop = nn.Dropout(0.1)
+        self.fc = nn.Linear(64, 10)
+
+
+class BreastCancerMLP(nn.Sequential):
+    """An MLP for the 30 standardised breast cancer features, with BatchNorm1d.
+
+    ``linear 30->16`` -> BN -> ReLU -> dropout -> ``linear 16->8`` -> BN -> ReLU ->
+    ``linear 8->2``: depth 5 once converted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(30, 16)
+        self.bn1 = nn.BatchNorm1d(16)
+        self.act1 = nn.ReLU()
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(16, 8)
+        self.bn2 = nn.BatchNorm1d(8)
+        self.act2 = nn.ReLU()
+        self.fc3 = nn.Linear(8, 2)

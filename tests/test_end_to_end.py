@@ -71,10 +71,39 @@ def _run(*args: str, url: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+SHIPPED = ["breast-cancer-mlp", "digits-cnn", "mnist-cnn"]
+
+
 def test_served_by_waitress_on_loopback(server_url: str) -> None:
     response = httpx.get(f"{server_url}/v1/health")
     assert response.headers["Server"] == "he-service"
-    assert response.json()["models"] == ["mnist-cnn"]
+    assert response.json()["models"] == SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_model_predicts_through_he_client(
+    server_url: str, tmp_path: Path, name: str
+) -> None:
+    from he_service.artifacts import load_artifact
+    from he_service.config import DEFAULT_MODELS_DIR
+    from models import datasets
+
+    loader = {
+        "mnist-cnn": datasets.load_mnist_split,
+        "digits-cnn": datasets.load_digits_split,
+        "breast-cancer-mlp": datasets.load_breast_cancer_split,
+    }[name]
+    artifact = load_artifact(DEFAULT_MODELS_DIR / name)
+    split = loader(0)
+    sample = np.asarray(split.x_test[1], dtype=np.float64)
+    path = tmp_path / f"{name}.npy"
+    np.save(path, sample)
+    plain = forward_plain(
+        artifact, preprocess(sample, artifact.preprocessing, artifact.input_shape)
+    )
+    result = _run("predict", "--model", name, str(path), url=server_url)
+    assert result.returncode == 0, result.stderr
+    assert f"predicted class {artifact.labels[int(np.argmax(plain))]}" in result.stdout
 
 
 def test_he_client_lists_models(server_url: str) -> None:

@@ -1,10 +1,143 @@
-"""The ``he-models`` command line (the slow ``train`` path is covered by the artifact tests)."""
+"""The ``he-models`` command line (``train`` is covered by the artifact tests)."""
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from he_service.artifacts import load_artifact
+from he_service.engine import compile_plan
 from models.cli import main
+
+NET_SOURCE = """
+from torch import nn
+
+
+def make():
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, stride=2),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(27, 3),
+    )
+
+
+class NotAModule:
+    pass
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory with a model module, its weights and raw calibration images."""
+    name = f"cli_net_{abs(hash(str(tmp_path))) % 10**8}"  # a fresh module name per test
+    (tmp_path / f"{name}.py").write_text(NET_SOURCE)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, stride=2), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 3)
+    )
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    raw = np.random.default_rng(0).integers(0, 256, size=(40, 1, 7, 7)).astype(np.float64)
+    np.save(tmp_path / "calibration.npy", raw)
+    (tmp_path / "module_name").write_text(name)
+    return tmp_path
+
+
+def _convert_args(workdir: Path, *extra: str) -> list[str]:
+    module = (workdir / "module_name").read_text()
+    return [
+        "convert",
+        f"{module}:make",
+        "--weights",
+        "weights.pt",
+        "--calibration",
+        "calibration.npy",
+        "--out",
+        str(workdir / "out"),
+        *extra,
+    ]
+
+
+def test_convert_writes_an_artifact_and_prints_the_report(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _convert_args(workdir, "--name", "tiny-net", "--degree", "2", "--scale", "0.00392")
+    argv += ["--mean", "0.5", "--std", "0.25", "--labels", "a,b,c"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1: BatchNorm2d(" in out and "folded into 0" in out
+    assert "2: ReLU() -> poly degree 2 on [" in out
+    assert "multiplicative depth 3" in out
+    assert "wrote " in out
+    artifact = load_artifact(workdir / "out" / "tiny-net")
+    assert artifact.labels == ("a", "b", "c")
+    assert artifact.preprocessing == {"scale": 0.00392, "mean": [0.5], "std": [0.25]}
+    assert compile_plan(artifact).params_reason["depth"] == 3
+    manifest = json.loads((workdir / "out" / "tiny-net" / "manifest.json").read_text())
+    assert manifest["conversion"]["activations"][0]["degree"] == 2
+    assert manifest["conversion"]["output_bound"]["samples"] == 40
+    assert len(manifest["provenance"]["weights_sha256"]) == 64
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--name", "Bad Name"], "must match"),
+        (["--name", "x", "--input-shape", "1", "8", "8"], "does not match"),
+        (["--name", "x", "--mean", "1", "2"], "--mean takes 1 value, got 2"),
+        (["--name", "x", "--std", "0"], "must not contain 0"),
+        (["--name", "x", "--labels", "a,b"], "names 2 outputs, the network has 3"),
+        (["--name", "x", "--degree", "12"], "degree must be 1..8"),
+    ],
+)
+def test_convert_input_errors_exit_2(
+    workdir: Path, change: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_convert_args(workdir, *change)) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (workdir / "out").exists() or list((workdir / "out").iterdir()) == []
+
+
+def test_convert_file_errors_exit_2(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    module = (workdir / "module_name").read_text()
+    base = ["--calibration", "calibration.npy", "--name", "x", "--out", "out"]
+    cases = [
+        (["convert", "no_such_module_xyz:make", "--weights", "weights.pt", *base], "cannot import"),
+        (["convert", f"{module}", "--weights", "weights.pt", *base], "MODULE:FACTORY"),
+        (["convert", f"{module}:missing", "--weights", "weights.pt", *base], "no attribute"),
+        (["convert", f"{module}:NotAModule", "--weights", "weights.pt", *base], "not a torch"),
+        (["convert", f"{module}:make", "--weights", "none.pt", *base], "does not exist"),
+    ]
+    # A pickled object that is not a state dict: weights_only loading refuses it.
+    torch.save({"model": nn.Linear(2, 2)}, workdir / "pickled.pt")
+    cases.append(
+        (["convert", f"{module}:make", "--weights", "pickled.pt", *base], "weights_only=True")
+    )
+    torch.save({"other.weight": torch.zeros(2)}, workdir / "wrong.pt")
+    cases.append((["convert", f"{module}:make", "--weights", "wrong.pt", *base], "do not fit"))
+    np.save(workdir / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases.append(
+        (
+            ["convert", f"{module}:make", "--weights", "weights.pt", "--calibration",
+             "objects.npy", "--name", "x"],
+            "cannot read",
+        )
+    )  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+        assert "Traceback" not in err
+    assert not (workdir / "out").exists()
 
 
 def test_unknown_model_exits_2_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
@@ -15,9 +148,44 @@ def test_unknown_model_exits_2_with_a_message(capsys: pytest.CaptureFixture[str]
     assert "Traceback" not in captured.err
 
 
+def test_evaluate_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "no-such-model"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    assert main(["evaluate", "mnist-cnn", "--data", "x.npy"]) == 2
+    assert "go together" in capsys.readouterr().err
+    assert main(["evaluate", "mnist-cnn", "--samples", "-1"]) == 2
+    assert ">= 0" in capsys.readouterr().err
+
+
+def test_evaluate_prints_the_four_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "breast-cancer-mlp", "--samples", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "plaintext accuracy (original network): 0.9" in out
+    assert "polynomial accuracy: 0.9" in out and "original minus polynomial" in out
+    assert "encrypted accuracy: " in out and "on 4 samples (seed 0)" in out
+    assert "encrypted/polynomial agreement: 1.0000" in out
+    assert "outside the calibrated ranges" in out
+
+
+def test_evaluate_a_converted_model_with_its_own_data(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_convert_args(workdir, "--name", "tiny-net", "--degree", "2")) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "tiny-net", "--models-dir", str(workdir / "out")]) == 2
+    assert "--data" in capsys.readouterr().err
+    np.save(workdir / "y.npy", np.zeros(40, dtype=np.int64))
+    argv = ["evaluate", "tiny-net", "--models-dir", str(workdir / "out"), "--samples", "3"]
+    assert main([*argv, "--data", "calibration.npy", "--targets", "y.npy"]) == 0
+    out = capsys.readouterr().out
+    assert "n/a (not recorded)" in out
+    assert "on 3 samples" in out
+
+
 def test_list_names_the_recipes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
-    assert capsys.readouterr().out.startswith("mnist-cnn ")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["breast-cancer-mlp", "digits-cnn", "mnist-cnn"]
 
 
 def test_missing_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -28,3 +196,5 @@ def test_missing_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--help"]) == 0
     assert "--seed" in capsys.readouterr().out
+    assert main(["convert", "--help"]) == 0
+    assert "--max-degree" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The fixed MNIST split and the IDX loader."""
+"""The fixed MNIST, digits and breast cancer splits, and the IDX loader."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.datasets import Split, load_mnist_idx, load_mnist_split
+from models.datasets import (
+    Split,
+    load_breast_cancer_split,
+    load_digits_split,
+    load_mnist_idx,
+    load_mnist_split,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +62,34 @@ def test_split_is_read_only(split: Split) -> None:
 def test_split_seed_changes_the_split(split: Split) -> None:
     other = load_mnist_split(1)
     assert not np.array_equal(other.y_test, split.y_test)
+
+
+def test_digits_split_follows_the_documented_permutation() -> None:
+    from sklearn.datasets import load_digits
+
+    split = load_digits_split(0)
+    assert (split.n_train, split.n_test) == (1437, 360)
+    assert split.x_train.shape[1:] == (1, 8, 8) and split.x_train.dtype == np.float32
+    assert split.x_train.max() == 16.0 and split.x_train.min() == 0.0
+    bunch = load_digits()
+    perm = np.random.default_rng(0).permutation(1797)
+    np.testing.assert_array_equal(split.x_test[:, 0], bunch.images[perm[:360]])
+    np.testing.assert_array_equal(split.y_train, bunch.target[perm[360:]])
+    with pytest.raises(ValueError):
+        split.x_train[0, 0, 0, 0] = 1.0
+
+
+def test_breast_cancer_split_follows_the_documented_permutation() -> None:
+    from sklearn.datasets import load_breast_cancer
+
+    split = load_breast_cancer_split(0)
+    assert (split.n_train, split.n_test) == (455, 114)
+    assert split.x_train.shape[1:] == (30,) and split.x_train.dtype == np.float64
+    bunch = load_breast_cancer()
+    perm = np.random.default_rng(0).permutation(569)
+    np.testing.assert_array_equal(split.x_test, bunch.data[perm[:114]])
+    np.testing.assert_array_equal(split.y_train, bunch.target[perm[114:]])
+    assert not np.array_equal(load_breast_cancer_split(1).y_test, split.y_test)
 
 
 def _idx(array: np.ndarray) -> bytes:

@@ -1,0 +1,145 @@
+"""Fine-tune a converted network so that it recovers accuracy and stays in its fitted ranges.
+
+Replacing ReLU by a degree-2 polynomial changes every later layer's input; a few epochs of
+training with the polynomials in place let the weights adapt. The polynomials themselves stay
+fixed (they are what the report and the manifest describe). A penalty keeps each activation's
+inputs inside the range its polynomial was fitted on: outside it a polynomial grows like
+``x^degree`` and one stray value can swamp the logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.conversion import ConvertedNetwork
+from models.polynomial import PolyActivation
+from models.training import TrainConfig, deterministic_torch, to_tensor, train_loop
+
+__all__ = ["FineTuneConfig", "fine_tune", "out_of_range_fractions"]
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Hyper-parameters of fine-tuning; ``range_weight`` scales the out-of-range penalty."""
+
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    range_weight: float = 1.0
+    seed: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        """Return the manifest form."""
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "optimizer": TrainConfig(
+                lr=self.lr, weight_decay=self.weight_decay
+            ).optimizer_description(),
+            "range_weight": self.range_weight,
+            "seed": self.seed,
+        }
+
+
+def _ranged(network: nn.Module) -> list[PolyActivation]:
+    return [
+        m
+        for m in network.modules()
+        if isinstance(m, PolyActivation) and math.isfinite(m.lo) and math.isfinite(m.hi)
+    ]
+
+
+def fine_tune(
+    network: ConvertedNetwork,
+    x: np.ndarray | torch.Tensor,
+    y: np.ndarray | torch.Tensor,
+    config: FineTuneConfig | None = None,
+) -> ConvertedNetwork:
+    """Train the affine layers of a copy of ``network`` with its polynomials in place.
+
+    The loss is cross-entropy plus ``range_weight`` times, for every fitted polynomial, the
+    mean squared distance of its inputs outside ``[lo, hi]`` relative to the range's half
+    width. Average poolings and polynomial coefficients stay fixed. Deterministic for a seed.
+
+    Args:
+        network: a converted network; not modified.
+        x: preprocessed training inputs ``(n, *input_shape)``.
+        y: int labels ``(n,)``.
+        config: hyper-parameters; defaults to ``FineTuneConfig()``.
+
+    Returns:
+        The fine-tuned copy, float64, eval mode.
+    """
+    cfg = config or FineTuneConfig()
+    inputs = to_tensor(x, torch.float32)
+    labels = to_tensor(y, torch.int64)
+    with deterministic_torch(cfg.seed):
+        tuned = copy.deepcopy(network).to(torch.float32)
+        penalties: list[torch.Tensor] = []
+
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            assert isinstance(module, PolyActivation)
+            penalties.append(module.range_excess(args[0]))
+
+        def penalty() -> torch.Tensor:
+            total = torch.stack(penalties).sum() * cfg.range_weight
+            penalties.clear()
+            return total
+
+        handles = [m.register_forward_pre_hook(record) for m in _ranged(tuned)]
+        try:
+            train_loop(
+                tuned,
+                inputs,
+                labels,
+                TrainConfig(
+                    seed=cfg.seed,
+                    epochs=cfg.epochs,
+                    batch_size=cfg.batch_size,
+                    lr=cfg.lr,
+                    weight_decay=cfg.weight_decay,
+                ),
+                extra_loss=penalty if handles else None,
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+    return tuned.to(torch.float64).eval()
+
+
+def out_of_range_fractions(network: ConvertedNetwork, x: np.ndarray | torch.Tensor) -> list[float]:
+    """Return, per fitted polynomial, the fraction of its inputs outside its fitted range.
+
+    Args:
+        network: a converted network.
+        x: preprocessed inputs ``(n, *input_shape)``.
+
+    Returns:
+        One fraction per polynomial with a finite range, in network order.
+    """
+    modules = _ranged(network)
+    counts: dict[int, tuple[int, int]] = {}
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        assert isinstance(module, PolyActivation)
+        value = args[0]
+        outside = int(((value < module.lo) | (value > module.hi)).sum())
+        seen, out = counts.get(id(module), (0, 0))
+        counts[id(module)] = (seen + value.numel(), out + outside)
+
+    handles = [m.register_forward_pre_hook(record) for m in modules]
+    dtype = next(network.parameters()).dtype
+    try:
+        with torch.no_grad():
+            network(to_tensor(x, dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [counts[id(m)][1] / max(counts[id(m)][0], 1) for m in modules]

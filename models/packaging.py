@@ -1,0 +1,254 @@
+"""Turn a ``ConvertedNetwork`` into an artifact: manifest layers, weights, checks, export.
+
+Each child of the network becomes one manifest layer (Conv2d and ``PoolConv2d`` -> ``conv2d``,
+Linear -> ``linear``, Flatten -> ``flatten``, ``PolyActivation`` -> ``poly``); weights are named
+after the original module path (``conv1.weight``). Before anything is written the outputs are
+checked against the engine's output headroom; ``export_artifact`` then runs the server's loader
+and compiler on the staged files before renaming them into place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from he_service.engine.params import OUTPUT_HEADROOM_BITS
+from models.conversion import ConversionReport, ConvertedNetwork
+from models.export import FORMAT, FORMAT_VERSION, ExportError, ExportResult, export_artifact
+from models.polynomial import PolyActivation
+from models.training import to_tensor
+
+__all__ = [
+    "OUTPUT_LIMIT",
+    "OutputRangeError",
+    "check_output_bound",
+    "converted_manifest",
+    "export_converted",
+    "max_abs_output",
+    "network_layers",
+]
+
+# The engine keeps 12 bits above the scale for the result: |output| must stay below 2^11.
+OUTPUT_LIMIT = float(2 ** (OUTPUT_HEADROOM_BITS - 1))
+_BATCH = 1024
+
+
+class OutputRangeError(ExportError):
+    """The network's outputs exceed what the engine can decrypt correctly; nothing was written."""
+
+
+def network_layers(network: ConvertedNetwork) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Return the manifest ``layers`` and the weight arrays of a converted network.
+
+    Args:
+        network: the converted network.
+
+    Returns:
+        The layer specs and float64 arrays named ``<path>.weight`` / ``<path>.bias``.
+
+    Raises:
+        TypeError: for a child that is not a converted layer.
+    """
+    layers: list[dict[str, Any]] = []
+    arrays: dict[str, np.ndarray] = {}
+    for path, module in zip(network.paths, network, strict=True):
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            assert module.bias is not None
+            arrays[f"{path}.weight"] = module.weight.detach().to(torch.float64).numpy().copy()
+            arrays[f"{path}.bias"] = module.bias.detach().to(torch.float64).numpy().copy()
+            spec: dict[str, Any] = {
+                "kind": "conv2d" if isinstance(module, nn.Conv2d) else "linear",
+                "weight": f"{path}.weight",
+                "bias": f"{path}.bias",
+            }
+            if isinstance(module, nn.Conv2d):
+                spec["stride"] = [int(v) for v in module.stride]
+                spec["padding"] = [int(v) for v in module.padding]
+            layers.append(spec)
+        elif isinstance(module, nn.Flatten):
+            layers.append({"kind": "flatten"})
+        elif isinstance(module, PolyActivation):
+            layers.append({"kind": "poly", "coeffs": list(module.coeffs)})
+        else:
+            raise TypeError(f"{path}: {type(module).__name__} is not a converted layer")
+    return layers, arrays
+
+
+def max_abs_output(network: nn.Module, x: np.ndarray | torch.Tensor) -> float:
+    """Return the largest absolute output of the network over the inputs, in float64.
+
+    Args:
+        network: the network.
+        x: preprocessed inputs ``(n, *input_shape)``.
+
+    Returns:
+        ``max |network(x)|``.
+    """
+    inputs = to_tensor(x, torch.float64)
+    dtype = next(network.parameters()).dtype
+    with torch.no_grad():
+        outputs = [network(chunk.to(dtype)) for chunk in inputs.split(_BATCH)]
+    return float(torch.cat(outputs).abs().max())
+
+
+def converted_manifest(
+    network: ConvertedNetwork,
+    name: str,
+    *,
+    labels: Sequence[str],
+    preprocessing: Mapping[str, Any],
+    description: str = "",
+    report: ConversionReport | None = None,
+    output_bound: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Build the manifest (without ``weights``) and the arrays for ``export_artifact``.
+
+    The manifest's ``conversion`` section records the report (fitted ranges, degrees, errors,
+    depth) with each activation's layer index, so evaluation can measure how often held-out
+    data leaves the calibrated ranges.
+
+    Args:
+        network: the converted network.
+        name: the artifact name.
+        labels: one label per output.
+        preprocessing: ``scale``, ``mean``, ``std`` the client applies.
+        description: one line for the model card.
+        report: the conversion report, if any.
+        output_bound: the checked output bound (``max_abs_output``, ``samples``, ``limit``).
+        training: the ``training`` section, if any.
+        provenance: the ``provenance`` section, if any.
+
+    Returns:
+        The manifest and the arrays.
+    """
+    layers, arrays = network_layers(network)
+    conversion: dict[str, Any] = {}
+    if report is not None:
+        conversion.update(report.to_json())
+    else:
+        conversion["depth"] = network.depth
+    conversion["activations"] = _activation_entries(network, conversion.get("activations"))
+    if output_bound is not None:
+        conversion["output_bound"] = dict(output_bound)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "description": description,
+        "input": {
+            "shape": list(network.input_shape),
+            "preprocessing": {
+                "scale": float(preprocessing.get("scale", 1.0)),
+                "mean": [float(v) for v in preprocessing.get("mean", [0.0])],
+                "std": [float(v) for v in preprocessing.get("std", [1.0])],
+            },
+        },
+        "layers": layers,
+        "output": {"labels": [str(label) for label in labels]},
+        "conversion": conversion,
+    }
+    if training is not None:
+        manifest["training"] = dict(training)
+    if provenance is not None:
+        manifest["provenance"] = dict(provenance)
+    return manifest, arrays
+
+
+def _activation_entries(
+    network: ConvertedNetwork, reported: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    by_layer = {entry["layer"]: entry for entry in reported or []}
+    entries = []
+    for index, path, module in network.activations():
+        entry = dict(by_layer.get(index, {"path": path, "layer": index}))
+        entry["coeffs"] = list(module.coeffs)
+        finite = math.isfinite(module.lo) and math.isfinite(module.hi)
+        # JSON has no infinity: an exact x^2 has no fitted range.
+        entry["range"] = [module.lo, module.hi] if finite else None
+        entries.append(entry)
+    return entries
+
+
+def export_converted(
+    network: ConvertedNetwork,
+    out_dir: str | Path,
+    name: str,
+    *,
+    labels: Sequence[str],
+    preprocessing: Mapping[str, Any],
+    check_x: np.ndarray | torch.Tensor,
+    description: str = "",
+    report: ConversionReport | None = None,
+    training: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> ExportResult:
+    """Check and export a converted network to ``<out_dir>/<name>/``.
+
+    Args:
+        network: the converted network.
+        out_dir: the parent directory of the artifact.
+        name: the artifact name (``[a-z0-9-]``).
+        labels: one label per output.
+        preprocessing: ``scale``, ``mean``, ``std`` the client applies to raw inputs.
+        check_x: preprocessed inputs whose outputs must stay below ``OUTPUT_LIMIT`` (use the
+            training and held-out data, or at least the calibration data).
+        description: one line for the model card.
+        report: the conversion report, recorded in the manifest.
+        training: the manifest's ``training`` section, if any.
+        provenance: the manifest's ``provenance`` section, if any.
+
+    Returns:
+        Where the artifact went and its weights sha256.
+
+    Raises:
+        OutputRangeError: an output reaches ``OUTPUT_LIMIT``; nothing is written.
+        ExportError: the server would refuse the artifact or the engine cannot compile it (the
+            message gives the depth needed and the maximum); nothing is written.
+        ValueError: for a bad name.
+        OSError: if the files cannot be written.
+    """
+    manifest, arrays = converted_manifest(
+        network,
+        name,
+        labels=labels,
+        preprocessing=preprocessing,
+        description=description,
+        report=report,
+        output_bound=check_output_bound(network, check_x),
+        training=training,
+        provenance=provenance,
+    )
+    return export_artifact(out_dir, name, arrays, manifest)
+
+
+def check_output_bound(network: nn.Module, x: np.ndarray | torch.Tensor) -> dict[str, Any]:
+    """Refuse a network whose outputs on ``x`` reach the engine's output limit.
+
+    Args:
+        network: the network.
+        x: preprocessed inputs.
+
+    Returns:
+        ``{"max_abs_output", "samples", "limit"}`` for the manifest.
+
+    Raises:
+        OutputRangeError: if ``max |output| >= OUTPUT_LIMIT``.
+    """
+    bound = max_abs_output(network, x)
+    samples = len(x)
+    if not bound < OUTPUT_LIMIT:
+        raise OutputRangeError(
+            f"the network's largest output is {bound:.6g} on {samples} samples, but the engine "
+            f"decrypts outputs correctly only below {OUTPUT_LIMIT:g} in absolute value; "
+            "scale the last layer down, train with weight decay, or fine-tune with a larger "
+            "range_weight so that activations stay inside their fitted ranges"
+        )
+    return {"max_abs_output": bound, "samples": samples, "limit": OUTPUT_LIMIT}
