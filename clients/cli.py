@@ -46,9 +46,12 @@ def load_sample(path: Path, shape: tuple[int, ...], *, invert: bool = False) -> 
     return array.reshape(shape)
 
 
-def _print_prediction(session: ModelSession, path: Path, logits: np.ndarray) -> None:
+def _print_prediction(
+    session: ModelSession, path: Path, logits: np.ndarray, truth: str | None = None
+) -> None:
     label = session.card.labels[int(np.argmax(logits))]
-    print(f"{path.name}: predicted class {label}")
+    known = "" if truth is None else f" (true digit {truth})"
+    print(f"{path.name}: predicted class {label}{known}")
     print("  logits: " + " ".join(f"{v:.3f}" for v in logits))
     stages = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in session.last_timings.items())
     print(f"  timings: {stages}")
@@ -116,10 +119,16 @@ def _cmd_demo(_: HEClient | None, args: argparse.Namespace) -> int:
             for path in samples:
                 sample = load_sample(path, session.card.input_shape)
                 logits = session.predict(sample)
-                _print_prediction(session, path, logits)
                 truth = path.stem.rsplit("-", 1)[-1]
+                _print_prediction(session, path, logits, truth)
                 correct += session.card.labels[int(np.argmax(logits))] == truth
-            print(f"{correct}/{len(samples)} encrypted predictions match the true digit")
+            accuracy = session.card.details.get("training", {}).get("poly_accuracy")
+            recorded = (
+                ""
+                if accuracy is None
+                else (f" (the model's held-out accuracy, from its card: {accuracy:.1%})")
+            )
+            print(f"{correct}/{len(samples)} encrypted predictions match the true digit{recorded}")
             return 0
     finally:
         server.terminate()

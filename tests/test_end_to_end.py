@@ -147,3 +147,14 @@ def test_he_client_reports_errors_without_traceback(server_url: str, tmp_path: P
     result = _run("predict", "--model", "nope", str(bad), url=server_url)
     assert result.returncode == 1
     assert "no model named 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_readme_main_job_he_client_demo() -> None:
+    """The README's first command ends with `he-client demo`: it must start, predict, stop."""
+    result = subprocess.run(
+        [*_cli("clients"), "demo"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"(\d+)/10 encrypted predictions match the true digit", result.stdout)
+    correct = int(re.search(r"(\d+)/10", result.stdout).group(1))  # type: ignore[union-attr]
+    assert correct >= 8  # the model is 94% accurate on held-out digits
