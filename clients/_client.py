@@ -14,6 +14,7 @@ import numpy as np
 from clients._crypto import KeySet
 from clients._errors import ContextNotFoundError, TransportError, error_from_response
 from he_service.protocol import (
+    CONTEXT_HEADER,
     MEDIA_TYPE,
     ModelCard,
     decode_frames,
@@ -24,8 +25,6 @@ from he_service.protocol import (
 )
 
 __all__ = ["HEClient", "ModelSession"]
-
-CONTEXT_HEADER = "X-Context-Id"
 
 
 class HEClient:

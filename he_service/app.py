@@ -30,6 +30,7 @@ from he_service.errors import (
 from he_service.keystore import KeyStore
 from he_service.openapi import openapi_document
 from he_service.protocol import (
+    CONTEXT_HEADER,
     MEDIA_TYPE,
     ProtocolError,
     decode_frames,
@@ -39,10 +40,9 @@ from he_service.protocol import (
 )
 from he_service.registry import LoadedModel, ModelRegistry
 
-__all__ = ["CONTEXT_HEADER", "create_app"]
+__all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
-CONTEXT_HEADER = "X-Context-Id"
 _CONTEXT_ID = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -102,7 +102,7 @@ class KeyStore:
         with self._lock:
             existing = self._entries.get(context_id)
             if existing is not None and existing.expires_at > self._clock():
-                refreshed = _replace_expiry(existing, self._clock() + self._ttl)
+                refreshed = replace(existing, expires_at=self._clock() + self._ttl)
                 self._entries[context_id] = refreshed
                 self._entries.move_to_end(context_id)
                 return refreshed, False
@@ -177,7 +177,3 @@ class KeyStore:
         ):
             _, oldest = self._entries.popitem(last=False)
             total -= oldest.memory_bytes
-
-
-def _replace_expiry(entry: StoredContext, expires_at: float) -> StoredContext:
-    return replace(entry, expires_at=expires_at)

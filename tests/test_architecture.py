@@ -72,6 +72,7 @@ def test_public_apis_are_pinned() -> None:
     assert sorted(he_service.protocol.__all__) == sorted(
         [
             "CARD_VERSION",
+            "CONTEXT_HEADER",
             "MEDIA_TYPE",
             "CkksParams",
             "KeyBundle",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,10 @@ import httpx
 import numpy as np
 import pytest
 
-from clients.cli import SAMPLES_DIR
+from clients.cli import SAMPLES_DIR, _free_port
 from he_service.artifacts import ModelArtifact
 from he_service.engine import forward_plain
 from he_service.protocol import preprocess
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _cli(name: str) -> list[str]:

@@ -148,9 +148,8 @@ class Plan:
         return {
             "depth": self.depth,
             "rotations": self.rotation_count(),
-            "relinearizations": sum(
-                {SquareStep: 1, CubicStep: 2, QuarticStep: 2}.get(type(s), 0) for s in self.steps
-            ),
+            # Every activation level is one ciphertext product, hence one relinearization.
+            "relinearizations": sum(s.levels for s in self.steps if not isinstance(s, AffineStep)),
             "steps": [s.description for s in self.steps],
             "parameters": self.params_reason,
         }

@@ -15,6 +15,7 @@ import tenseal.sealapi as seal
 from he_service.engine.evaluator import EncryptedEvaluator
 from he_service.engine.plan import Plan
 from he_service.protocol import decode_output, encode_input, galois_element
+from he_service.protocol.params import new_seal_context
 
 __all__ = ["encrypted_outputs"]
 
@@ -32,13 +33,7 @@ def encrypted_outputs(plan: Plan, samples: Iterable[np.ndarray], *, seed: int = 
     """
     evaluator = EncryptedEvaluator(plan)
     params = plan.params
-    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
-    parms.set_poly_modulus_degree(params.poly_modulus_degree)
-    parms.set_coeff_modulus(
-        seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_modulus_bits))
-    )
-    parms.set_random_generator(seal.Blake2xbPRNGFactory([seed, 0, 0, 0, 0, 0, 0, 1]))
-    context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    context = new_seal_context(params, prng_seed=seed)
     keygen = seal.KeyGenerator(context)
     relin = seal.RelinKeys()
     keygen.create_relin_keys(relin)

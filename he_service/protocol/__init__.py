@@ -3,13 +3,14 @@
 from he_service.protocol.card import CARD_VERSION, ModelCard
 from he_service.protocol.encoding import decode_output, encode_input, im2col, preprocess
 from he_service.protocol.errors import ProtocolError
-from he_service.protocol.framing import MEDIA_TYPE, decode_frames, encode_frames
+from he_service.protocol.framing import CONTEXT_HEADER, MEDIA_TYPE, decode_frames, encode_frames
 from he_service.protocol.keys import KeyBundle, decode_key_bundle, encode_key_bundle
 from he_service.protocol.params import CkksParams, galois_element, seal_context
 from he_service.protocol.seal_io import load_seal, save_seal
 
 __all__ = [
     "CARD_VERSION",
+    "CONTEXT_HEADER",
     "MEDIA_TYPE",
     "CkksParams",
     "KeyBundle",

@@ -12,10 +12,12 @@ from collections.abc import Sequence
 
 from he_service.protocol.errors import ProtocolError
 
-__all__ = ["MAGIC", "MEDIA_TYPE", "decode_frames", "encode_frames"]
+__all__ = ["CONTEXT_HEADER", "MAGIC", "MEDIA_TYPE", "decode_frames", "encode_frames"]
 
 MAGIC = b"HEF1"
 MEDIA_TYPE = "application/vnd.he-inference.frames"
+# The predict request names the uploaded context (sha256 of its bytes) in this header.
+CONTEXT_HEADER = "X-Context-Id"
 _COUNT = struct.Struct("<I")
 _LENGTH = struct.Struct("<Q")
 

@@ -11,7 +11,13 @@ import tenseal.sealapi as seal
 
 from he_service.protocol.errors import ProtocolError
 
-__all__ = ["MAX_COEFF_BITS_128", "CkksParams", "galois_element", "seal_context"]
+__all__ = [
+    "MAX_COEFF_BITS_128",
+    "CkksParams",
+    "galois_element",
+    "new_seal_context",
+    "seal_context",
+]
 
 # Largest total coefficient-modulus size per ring degree at 128-bit classical security
 # (HomomorphicEncryption.org standard, the table SEAL enforces with sec_level_type.tc128).
@@ -84,11 +90,21 @@ class CkksParams:
 @functools.lru_cache(maxsize=16)
 def seal_context(params: CkksParams) -> seal.SEALContext:
     """Return the (cached, shared) SEAL context for these parameters at 128-bit security."""
+    return new_seal_context(params)
+
+
+def new_seal_context(params: CkksParams, *, prng_seed: int | None = None) -> seal.SEALContext:
+    """Build a fresh SEAL context; ``prng_seed`` makes its keys and noise reproducible.
+
+    A seeded context is for measurements only: anyone who knows the seed knows the keys.
+    """
     parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
     parms.set_poly_modulus_degree(params.poly_modulus_degree)
     parms.set_coeff_modulus(
         seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_modulus_bits))
     )
+    if prng_seed is not None:
+        parms.set_random_generator(seal.Blake2xbPRNGFactory([prng_seed, 0, 0, 0, 0, 0, 0, 1]))
     context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
     if not context.parameters_set():
         raise ProtocolError(f"SEAL refuses these parameters: {context.parameters_error_message()}")
