@@ -58,9 +58,7 @@ from models.problems import ConversionError, Problem
 from models.recipes import DEFAULT_OUT_DIR, RECIPES, build, get_recipe
 from models.training import (
     TrainConfig,
-    accuracy,
     classifier_accuracy,
-    preprocess,
     preprocess_batch,
 )
 
@@ -86,7 +84,6 @@ __all__ = [
     "Split",
     "Square",
     "TrainConfig",
-    "accuracy",
     "artifact_forward",
     "build",
     "check_output_bound",
@@ -109,7 +106,6 @@ __all__ = [
     "measure_encrypted",
     "network_layers",
     "out_of_range_fractions",
-    "preprocess",
     "preprocess_batch",
     "validate",
 ]

@@ -19,16 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from he_service.protocol import preprocess
+
 __all__ = [
     "MNIST_MEAN",
     "MNIST_STD",
     "PIXEL_SCALE",
     "TrainConfig",
     "TrainResult",
-    "accuracy",
     "classifier_accuracy",
     "deterministic_torch",
-    "preprocess",
     "preprocess_batch",
     "to_tensor",
     "train_loop",
@@ -96,44 +96,6 @@ def deterministic_torch(seed: int) -> Iterator[None]:
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
-def preprocess(images: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Scale raw pixels to 0..1 and standardise them: ``(x * (1/255) - mean) / std``.
-
-    Args:
-        images: raw pixel values 0..255 shaped (n, 1, 28, 28).
-        dtype: floating dtype of the result; the arithmetic is done in this dtype.
-
-    Returns:
-        A new tensor of preprocessed images, same shape.
-    """
-    # torch.tensor copies, so read-only inputs (Split arrays) are fine and never aliased.
-    x = torch.tensor(images, dtype=dtype)
-    mean = torch.tensor(MNIST_MEAN, dtype=dtype).view(1, -1, 1, 1)
-    std = torch.tensor(MNIST_STD, dtype=dtype).view(1, -1, 1, 1)
-    return (x * PIXEL_SCALE - mean) / std
-
-
-def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
-    """Compute top-1 accuracy in float64 on a copy of ``model``.
-
-    Float64 is what the artifact ships, so the manifest's accuracy is exactly the accuracy of
-    the exported weights, not of the float32 training copy.
-
-    Args:
-        model: a network taking preprocessed images; it is not modified.
-        images: raw pixel values 0..255 shaped (n, 1, 28, 28).
-        labels: int labels shaped (n,).
-
-    Returns:
-        The fraction of images whose highest logit is the true label.
-    """
-    evaluated = copy.deepcopy(model).to(torch.float64).eval()
-    with deterministic_torch(0), torch.no_grad():
-        predicted = evaluated(preprocess(images, torch.float64)).argmax(dim=1)
-    correct = int((predicted == torch.tensor(labels, dtype=torch.int64)).sum())
-    return correct / len(labels)
-
-
 def to_tensor(x: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Return ``x`` as a tensor of ``dtype``; numpy input is copied (it may be read-only).
 
@@ -154,8 +116,8 @@ def preprocess_batch(
 ) -> np.ndarray:
     """Apply a manifest's preprocessing ``(x * scale - mean) / std`` to a batch, in float64.
 
-    The same arithmetic, in the same order, as the client's ``he_service.protocol.preprocess``
-    on one sample, so accuracies measured here are those of what the client sends.
+    Each sample goes through the client's own ``he_service.protocol.preprocess``, so accuracies
+    measured here are those of what the client sends.
 
     Args:
         samples: raw samples shaped ``(n, *input_shape)``.
@@ -167,11 +129,7 @@ def preprocess_batch(
     """
     shape = tuple(input_shape)
     array = np.asarray(samples, dtype=np.float64).reshape((-1, *shape))
-    channel_shape = (1, -1) + (1,) * (len(shape) - 1)
-    mean = np.asarray(spec.get("mean", [0.0]), dtype=np.float64).reshape(channel_shape)
-    std = np.asarray(spec.get("std", [1.0]), dtype=np.float64).reshape(channel_shape)
-    result: np.ndarray = (array * float(spec.get("scale", 1.0)) - mean) / std
-    return result
+    return np.stack([preprocess(sample, spec, shape) for sample in array])
 
 
 def classifier_accuracy(

@@ -35,7 +35,6 @@ def test_public_api_is_pinned() -> None:
             "Split",
             "Square",
             "TrainConfig",
-            "accuracy",
             "artifact_forward",
             "build",
             "check_output_bound",
@@ -58,7 +57,6 @@ def test_public_api_is_pinned() -> None:
             "measure_encrypted",
             "network_layers",
             "out_of_range_fractions",
-            "preprocess",
             "preprocess_batch",
             "validate",
         ]
