@@ -75,7 +75,7 @@ def compile_plan(artifact: ModelArtifact) -> Plan:
     Raises:
         CompileError: a layer or activation the engine cannot evaluate.
     """
-    ops = _normalise(artifact)
+    ops = normalise(artifact)
     depth = sum(1 if isinstance(op, _Affine) else op.levels for op in ops)
     first = ops[0]
     assert isinstance(first, _Affine)
@@ -128,7 +128,20 @@ def compile_plan(artifact: ModelArtifact) -> Plan:
     return plan
 
 
-def _normalise(artifact: ModelArtifact) -> list[_Affine | PolyStep]:
+def normalise(artifact: ModelArtifact, *, client_im2col: bool = True) -> list[_Affine | PolyStep]:
+    """Rewrite the network as alternating affine maps and depressed polynomial steps.
+
+    Args:
+        artifact: a checked model.
+        client_im2col: read a first conv from the client's patch matrix (latency plan);
+            when False every map acts on the flattened input (batch plan).
+
+    Returns:
+        Affine maps (``matrix``, ``bias``) and polynomial steps, starting with an affine map.
+
+    Raises:
+        CompileError: a layer or activation the engine cannot evaluate.
+    """
     shapes = artifact.layer_shapes()
     ops: list[_Affine | PolyStep] = []
     # y_true = scale * y + offset for the last activation; both wait for the next affine map.
@@ -139,7 +152,7 @@ def _normalise(artifact: ModelArtifact) -> list[_Affine | PolyStep]:
         if isinstance(layer, Flatten):
             continue
         if isinstance(layer, Conv2d | Linear):
-            affine = _affine_of(layer, in_shape, first=not ops)
+            affine = _affine_of(layer, in_shape, first=client_im2col and not ops)
             if pending is not None:
                 scale, offset = pending
                 # W (scale y + offset) + b = (scale W) y + (b + offset W 1)
