@@ -94,42 +94,48 @@ class HEClient:
         """Ask the service to forget a context."""
         self._request("DELETE", f"/v1/contexts/{context_id}")
 
-    def model(self, name: str, *, keys: KeySet | Path | str | None = None) -> ModelSession:
-        """Open a session for one model: read its card, make (or load) keys, upload them.
+    def model(
+        self, name: str, *, plan: str = "latency", keys: KeySet | Path | str | None = None
+    ) -> ModelSession:
+        """Open a session for one plan of one model: read the card, make keys, upload them.
 
         Args:
             name: the served model.
+            plan: ``"latency"`` (one sample per request, fastest answer) or ``"batch"`` (one
+                sample per slot: thousands of samples per request, least time per sample).
             keys: a ``KeySet``, or a key file written by ``ModelSession.save_keys``; by default
-                fresh keys are generated with the card's parameters.
+                fresh keys are generated with the plan's parameters.
 
         Returns:
-            A session whose ``predict`` returns decrypted outputs.
+            A session whose ``predict``/``predict_many`` return decrypted outputs.
+
+        Raises:
+            ProtocolError: the model does not offer this plan.
+            ValueError: the given keys do not fit the plan.
         """
         card = self.card(name)
+        spec = card.plan(plan)
         if isinstance(keys, str | Path):
             keys = KeySet.load(keys)
-        if (
-            keys is None
-            or keys.params != card.ckks
-            or not set(card.galois_steps) <= set(keys.galois_steps)
-        ):
-            if keys is not None:
-                raise ValueError(
-                    f"the given keys do not fit model {name!r}: they were made for other CKKS "
-                    "parameters or lack Galois steps"
-                )
-            keys = KeySet.generate(card.ckks, card.galois_steps)
-        session = ModelSession(self, card, keys)
+        if keys is None:
+            keys = KeySet.generate(spec.ckks, spec.galois_steps)
+        elif keys.params != spec.ckks or not set(spec.galois_steps) <= set(keys.galois_steps):
+            raise ValueError(
+                f"the given keys do not fit the {plan} plan of model {name!r}: they were made "
+                "for other CKKS parameters or lack Galois steps"
+            )
+        session = ModelSession(self, card, plan, keys)
         session.ensure_context()
         return session
 
     def predict_raw(
-        self, name: str, context_id: str, ciphertexts: list[bytes]
+        self, name: str, context_id: str, ciphertexts: list[bytes], *, plan: str = "latency"
     ) -> tuple[list[bytes], dict[str, float]]:
         """Post framed ciphertexts; returns the output ciphertexts and server stage seconds."""
         response = self._request(
             "POST",
             f"/v1/models/{name}/predict",
+            params={"plan": plan},
             content=encode_frames(ciphertexts),
             headers={CONTEXT_HEADER: context_id, "Content-Type": MEDIA_TYPE},
         )
@@ -139,10 +145,11 @@ class HEClient:
 
 
 class ModelSession:
-    """Keys and card for one model; encrypts, sends, decrypts."""
+    """Keys and card for one plan of one model; encrypts, sends, decrypts."""
 
-    def __init__(self, client: HEClient, card: ModelCard, keys: KeySet) -> None:
-        self.client, self.card, self.keys = client, card, keys
+    def __init__(self, client: HEClient, card: ModelCard, plan: str, keys: KeySet) -> None:
+        self.client, self.card, self.plan, self.keys = client, card, plan, keys
+        self.spec = card.plan(plan)
         self.context_id = ""
         self.last_timings: dict[str, float] = {}
 
@@ -162,14 +169,14 @@ class ModelSession:
         self.context_id = context_id
         return context_id
 
-    def encrypt(self, x: np.ndarray) -> bytes:
-        """Preprocess, encode and encrypt one raw sample as the card says."""
+    def encrypt(self, x: np.ndarray) -> list[bytes]:
+        """Preprocess, encode and encrypt one raw sample as the latency plan's card says."""
         sample = preprocess(x, self.card.preprocessing, self.card.input_shape)
-        return self.keys.encrypt(encode_input(sample, self.card.input_encoding))
+        return [self.keys.encrypt(v) for v in encode_input(sample, self.spec.input_encoding)]
 
     def decrypt(self, ciphertext: bytes) -> np.ndarray:
-        """Decrypt and decode one output ciphertext into the model's outputs."""
-        return decode_output(self.keys.decrypt(ciphertext), self.card.output_decoding)
+        """Decrypt and decode one latency-plan output ciphertext into the model's outputs."""
+        return decode_output(self.keys.decrypt(ciphertext), self.spec.output_decoding)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Return the decrypted outputs (logits) for one raw sample."""
@@ -180,20 +187,12 @@ class ModelSession:
         samples = np.asarray(xs)
         results: list[np.ndarray] = []
         timings: dict[str, float] = {}
-        for chunk in _chunks(samples, self.card.max_samples_per_request):
+        for chunk in _chunks(samples, self.spec.max_samples_per_request):
             start = time.perf_counter()
-            ciphertexts = [self.encrypt(x) for x in chunk]
+            ciphertexts = [ct for x in chunk for ct in self.encrypt(x)]
             _add(timings, "encrypt", time.perf_counter() - start)
             start = time.perf_counter()
-            try:
-                outputs, server = self.client.predict_raw(
-                    self.card.name, self.context_id, ciphertexts
-                )
-            except ContextNotFoundError:  # expired or evicted: upload again, once
-                self.context_id = self.client.upload_context(self.keys.public_context)
-                outputs, server = self.client.predict_raw(
-                    self.card.name, self.context_id, ciphertexts
-                )
+            outputs, server = self._post(ciphertexts)
             _add(timings, "request", time.perf_counter() - start)
             for stage, seconds in server.items():
                 _add(timings, f"server_{stage}", seconds)
@@ -202,6 +201,17 @@ class ModelSession:
             _add(timings, "decrypt", time.perf_counter() - start)
         self.last_timings = timings
         return np.stack(results)
+
+    def _post(self, ciphertexts: list[bytes]) -> tuple[list[bytes], dict[str, float]]:
+        try:
+            return self.client.predict_raw(
+                self.card.name, self.context_id, ciphertexts, plan=self.plan
+            )
+        except ContextNotFoundError:  # expired or evicted: upload again, once
+            self.context_id = self.client.upload_context(self.keys.public_context)
+            return self.client.predict_raw(
+                self.card.name, self.context_id, ciphertexts, plan=self.plan
+            )
 
     def classify(self, x: np.ndarray) -> str:
         """Return the label of the largest decrypted output."""

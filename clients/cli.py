@@ -61,7 +61,7 @@ def _cmd_models(client: HEClient, _: argparse.Namespace) -> int:
     for model in client.models():
         print(
             f"{model['name']}: input {model['input_shape']}, {len(model['labels'])} outputs, "
-            f"N={model['poly_modulus_degree']} - {model['description']}"
+            f"plans {', '.join(model['plans'])} - {model['description']}"
         )
     return 0
 

@@ -61,7 +61,11 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
     if not isinstance(config, Config):
         config = Config.load(config)
     registry = ModelRegistry.from_directory(
-        config.models_dir, max_samples_per_request=config.max_samples_per_request
+        config.models_dir,
+        max_samples={
+            "latency": config.max_samples("latency"),
+            "batch": config.max_samples("batch"),
+        },
     )
     store = KeyStore(
         max_bytes=config.key_store_max_bytes,
@@ -70,7 +74,9 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
         accepts=registry.accepts,
     )
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = max(config.max_context_bytes, config.max_predict_bytes)
+    app.config["MAX_CONTENT_LENGTH"] = max(
+        config.max_context_bytes, config.max_predict_bytes, config.max_batch_bytes
+    )
     app.extensions["he_service"] = {"config": config, "registry": registry, "store": store}
     _register_routes(app)
     _register_errors(app)
@@ -153,45 +159,71 @@ def _register_routes(app: Flask) -> None:
     def predict(name: str) -> Response:
         config, _, store = _state()
         model = _model(name)
+        kind = request.args.get("plan", "latency")
+        plan = model.plans.get(kind)
+        if plan is None:
+            raise BadRequest(f"model {name!r} offers plans {sorted(model.plans)}, not {kind!r}")
+        max_samples = config.max_samples(kind)
         context_id = _context_id(request.headers.get(CONTEXT_HEADER))
-        data = _read_body(config.max_predict_bytes, "request body")
+        data = _read_body(config.max_body_bytes(kind), "request body")
         stored = store.get(context_id)
         if stored is None:
             raise ContextNotFound(context_id)
-        if stored.params != model.plan.params:
+        if stored.params != plan.params:
             raise ParameterMismatch(
-                f"context {context_id[:12]}… was made for other CKKS parameters than model "
-                f"{name!r}; make keys with the parameters of its card"
+                f"context {context_id[:12]}… was made for other CKKS parameters than the "
+                f"{kind} plan of model {name!r}; make keys with the parameters of its card"
             )
-        missing = stored.missing_steps(model.plan.galois_steps)
+        missing = stored.missing_steps(plan.galois_steps)
         if missing:
             raise ParameterMismatch(
                 f"the context lacks Galois keys for rotation steps {missing}", missing=missing
             )
         timings = Timings()
         start = time.perf_counter()
+        max_units = -(-max_samples // plan.samples_per_unit)
         try:
             items = decode_frames(data, max_items=max(1, len(data) // 8))
         except ProtocolError as exc:
             raise BadRequest(str(exc)) from None
-        if len(items) > config.max_samples_per_request:
-            raise PayloadTooLarge(
-                f"a request of {len(items)} samples", config.max_samples_per_request, "samples"
+        per_unit = plan.inputs_per_unit
+        if not items or len(items) % per_unit:
+            raise BadRequest(
+                f"the {kind} plan of {name!r} takes {per_unit} ciphertexts per "
+                f"{'sample' if plan.samples_per_unit == 1 else 'group of samples'}; "
+                f"got {len(items)}"
             )
-        inputs = []
-        for index, item in enumerate(items):
+        if len(items) // per_unit > max_units:
+            raise PayloadTooLarge(
+                f"a request of {len(items) // per_unit * plan.samples_per_unit} samples",
+                max_samples,
+                "samples",
+            )
+        units = []
+        for first in range(0, len(items), per_unit):
+            unit = []
+            for index in range(first, first + per_unit):
+                try:
+                    unit.append(
+                        load_seal(
+                            seal.Ciphertext,
+                            items[index],
+                            plan.context,
+                            what=f"input ciphertext {index}",
+                        )
+                    )
+                except ProtocolError as exc:
+                    raise BadRequest(str(exc)) from None
             try:
-                ct = load_seal(
-                    seal.Ciphertext, item, model.evaluator.context, what=f"input ciphertext {index}"
-                )
-                model.evaluator.check_input(ct)
-            except (ProtocolError, EvaluationError) as exc:
+                plan.check(unit)
+            except EvaluationError as exc:
                 raise BadRequest(str(exc)) from None
-            inputs.append(ct)
+            units.append(unit)
         timings.add("deserialize", time.perf_counter() - start)
         outputs = [
-            model.evaluator.evaluate(ct, stored.relin_keys, stored.galois_keys, timings)
-            for ct in inputs
+            ct
+            for unit in units
+            for ct in plan.evaluate(unit, stored.relin_keys, stored.galois_keys, timings)
         ]
         start = time.perf_counter()
         body = encode_frames([save_seal(ct) for ct in outputs])

@@ -22,9 +22,21 @@ class Config:
     max_predict_bytes: int = 16 << 20
     max_context_bytes: int = 128 << 20
     max_samples_per_request: int = 16
+    # A batch request carries one ciphertext per input feature for every group of N/2 samples:
+    # 784 ciphertexts (about 140 MB) for one full group of MNIST images.
+    max_batch_samples: int = 8192
+    max_batch_bytes: int = 512 << 20
     key_store_max_bytes: int = 4 << 30
     key_store_max_entries: int = 64
     key_store_ttl_seconds: int = 3600
+
+    def max_samples(self, plan: str) -> int:
+        """Return the most samples one predict request of this plan may carry."""
+        return self.max_batch_samples if plan == "batch" else self.max_samples_per_request
+
+    def max_body_bytes(self, plan: str) -> int:
+        """Return the largest predict body of this plan."""
+        return self.max_batch_bytes if plan == "batch" else self.max_predict_bytes
 
     @classmethod
     def load(

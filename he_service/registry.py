@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from he_service.artifacts import ArtifactError, ModelArtifact, load_artifact
-from he_service.engine import CompileError, EncryptedEvaluator, ParameterError, Plan, compile_plan
+from he_service.engine import CompileError, ParameterError, compile_plan
 from he_service.protocol import CkksParams, ModelCard
+from he_service.serving import LatencyServing, ServedPlan
 
 __all__ = ["LoadedModel", "ModelRegistry", "RegistryError"]
 
@@ -23,11 +24,10 @@ class RegistryError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """An artifact with its compiled plan, its evaluator and its public card."""
+    """An artifact with its compiled plans (evaluators ready) and its public card."""
 
     artifact: ModelArtifact
-    plan: Plan
-    evaluator: EncryptedEvaluator
+    plans: dict[str, ServedPlan]
     card: ModelCard
 
     @property
@@ -40,7 +40,7 @@ class LoadedModel:
             "description": self.artifact.description,
             "input_shape": list(self.artifact.input_shape),
             "labels": list(self.artifact.labels),
-            "poly_modulus_degree": self.plan.params.poly_modulus_degree,
+            "plans": sorted(self.plans),
         }
 
 
@@ -51,7 +51,7 @@ class ModelRegistry:
         self._models = dict(sorted(models.items()))
 
     @classmethod
-    def from_directory(cls, root: Path, *, max_samples_per_request: int) -> ModelRegistry:
+    def from_directory(cls, root: Path, *, max_samples: Mapping[str, int]) -> ModelRegistry:
         """Load, check and compile every artifact directory under ``root``.
 
         Raises:
@@ -63,16 +63,15 @@ class ModelRegistry:
         for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             try:
                 artifact = load_artifact(path)
-                plan = compile_plan(artifact)
+                plans: dict[str, ServedPlan] = {
+                    "latency": LatencyServing.build(compile_plan(artifact)),
+                }
             except (ArtifactError, CompileError, ParameterError) as exc:
                 raise RegistryError(f"refusing to serve {path}: {exc}") from None
             models[artifact.name] = LoadedModel(
-                artifact,
-                plan,
-                EncryptedEvaluator(plan),
-                _card(artifact, plan, max_samples_per_request),
+                artifact, plans, _card(artifact, plans, max_samples)
             )
-            log.info("loaded model %s: %s", artifact.name, plan.summary()["steps"])
+            log.info("loaded model %s with plans %s", artifact.name, sorted(plans))
         if not models:
             raise RegistryError(f"no model artifacts in {root}; build one with `he-models train`")
         return cls(models)
@@ -88,13 +87,11 @@ class ModelRegistry:
 
     def accepts(self, params: CkksParams) -> str | None:
         """Return None if some model uses these parameters, else why the context is useless."""
-        if any(m.plan.params == params for m in self._models.values()):
+        served = [p.params for m in self._models.values() for p in m.plans.values()]
+        if params in served:
             return None
         offered = sorted(
-            {
-                f"N={p.poly_modulus_degree} bits={list(p.coeff_modulus_bits)}"
-                for p in (m.plan.params for m in self._models.values())
-            }
+            {f"N={p.poly_modulus_degree} bits={list(p.coeff_modulus_bits)}" for p in served}
         )
         return (
             "no served model uses these CKKS parameters; make keys with the parameters of "
@@ -102,18 +99,15 @@ class ModelRegistry:
         )
 
 
-def _card(artifact: ModelArtifact, plan: Plan, max_samples: int) -> ModelCard:
-    training = artifact.manifest.get("training", {})
+def _card(
+    artifact: ModelArtifact, plans: Mapping[str, ServedPlan], max_samples: Mapping[str, int]
+) -> ModelCard:
     return ModelCard(
         name=artifact.name,
         description=artifact.description,
         input_shape=artifact.input_shape,
         preprocessing=artifact.preprocessing,
         labels=artifact.labels,
-        ckks=plan.params,
-        galois_steps=plan.galois_steps,
-        input_encoding=plan.input_encoding,
-        output_decoding=plan.output_decoding,
-        max_samples_per_request=max_samples,
-        details={"plan": plan.summary(), "training": training},
+        plans={kind: plan.card(max_samples[kind]) for kind, plan in plans.items()},
+        details={"training": artifact.manifest.get("training", {})},
     )

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from he_service.engine import ParameterError, choose_params
+from he_service.engine import ParameterError, SquareStep, choose_params
 from models._lowering import ACTIVATION, Change, Layer, PoolConv2d, lower
 from models.polynomial import (
     DEFAULT_TOLERANCE,
@@ -139,12 +139,11 @@ class ConvertedNetwork(nn.Sequential):
 
 
 def depth_of(layers: Sequence[nn.Module] | nn.Sequential) -> int:
-    """Count the levels a chain of layers costs, the way the engine compiles it.
+    """Count the levels (primes) a chain of layers costs, the way the engine compiles it.
 
-    Consecutive affine maps (Conv2d, Linear, pooling; Flatten is free) merge into one, which
-    costs one level; a polynomial of degree <= 1 merges into its neighbours (0 levels), degree 2
-    costs one level, degrees 3-4 two; a network that ends in an activation gets one more affine
-    map (the activation's outer coefficients).
+    With lazy rescaling an affine map costs no level of its own: each activation's first
+    rescale pays for the map before it. A polynomial of degree <= 1 merges into its neighbours
+    (0 levels), degree 2 costs one level, degrees 3-4 two.
 
     Args:
         layers: the converted layers in order.
@@ -152,22 +151,15 @@ def depth_of(layers: Sequence[nn.Module] | nn.Sequential) -> int:
     Returns:
         The multiplicative depth.
     """
-    ops: list[int | None] = []  # None: an affine map; int: the levels of an activation
+    depth = 0
     for module in layers:
-        if isinstance(module, nn.Flatten):
-            continue
-        if isinstance(module, nn.Conv2d | nn.Linear):
-            if not ops or ops[-1] is not None:
-                ops.append(None)
+        if isinstance(module, nn.Flatten | nn.Conv2d | nn.Linear):
             continue
         if isinstance(module, PolyActivation):
-            if module.levels:
-                ops.append(module.levels)
+            depth += module.levels
             continue
         raise TypeError(f"not a converted layer: {type(module).__name__}")
-    if ops and ops[-1] is not None:
-        ops.append(None)
-    return sum(1 if op is None else op for op in ops)
+    return depth
 
 
 def max_depth_by_ring() -> dict[int, int]:
@@ -179,10 +171,10 @@ def max_depth_by_ring() -> dict[int, int]:
     result: dict[int, int] = {}
     for depth in range(1, 64):
         try:
-            params, _ = choose_params(depth, 1)
+            chain = choose_params([SquareStep()] * depth, 1)
         except ParameterError:
             break
-        n = params.poly_modulus_degree
+        n = chain.params.poly_modulus_degree
         result[n] = max(result.get(n, 0), depth)
     return result
 
@@ -248,7 +240,6 @@ class ConversionReport:
     changes: tuple[Change, ...]
     activations: tuple[ActivationReport, ...]
     depth: int
-    activation_levels: int
 
     @property
     def ring(self) -> str:
@@ -279,10 +270,9 @@ class ConversionReport:
                 lines.append(next(fits).describe())
             else:
                 lines.append(f"{change.path}: {change.old} -> {change.new}")
-        affine = self.depth - self.activation_levels
         lines.append(
-            f"multiplicative depth {self.depth} ({affine} affine, "
-            f"{self.activation_levels} activation levels): {self.ring}"
+            f"multiplicative depth {self.depth} (activation levels; affine maps ride on "
+            f"them): {self.ring}"
         )
         return lines
 
@@ -416,7 +406,6 @@ def convert(
         changes=tuple(lowered.changes),
         activations=tuple(reports),
         depth=network.depth,
-        activation_levels=sum(m.levels for _, _, m in network.activations()),
     )
     for line in report.lines():
         logger.info("%s", line)

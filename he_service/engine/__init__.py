@@ -3,7 +3,15 @@
 from he_service.engine.compiler import CompileError, compile_plan
 from he_service.engine.evaluator import EncryptedEvaluator, EvaluationError, Timings
 from he_service.engine.params import ParameterError, choose_params
-from he_service.engine.plan import AffineStep, CubicStep, Plan, PolyStep, QuarticStep, SquareStep
+from he_service.engine.plan import (
+    AffineStep,
+    CubicStep,
+    InputStep,
+    Plan,
+    PolyStep,
+    QuarticStep,
+    SquareStep,
+)
 from he_service.engine.reference import forward_plain
 
 __all__ = [
@@ -12,6 +20,7 @@ __all__ = [
     "CubicStep",
     "EncryptedEvaluator",
     "EvaluationError",
+    "InputStep",
     "ParameterError",
     "Plan",
     "PolyStep",

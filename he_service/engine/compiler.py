@@ -1,17 +1,11 @@
-"""Compile a checked artifact into a latency plan (one sample per ciphertext).
+"""Compile a checked artifact into a latency plan (one sample per request).
 
-The network is first normalised into alternating affine maps and squares (flatten is free,
-consecutive affine maps merge, polynomial coefficients fold into the neighbouring affine maps),
-then every affine map becomes a baby-step giant-step sum of plaintext diagonals:
-
-* the first conv reads a client-side im2col layout (row k of the patch matrix in slot block k),
-  so the conv is a handful of diagonals at multiples of the block size;
-* hidden vectors live *replicated* with a power-of-two period across all slots, so a rotation
-  within the period is a plain slot rotation;
-* a layer that shrinks the vector uses the hybrid method: only ``period_out`` diagonals, then
-  log2(period_in / period_out) rotate-and-add folds;
-* the last layer writes its outputs to slots ``[0, m)`` and exact zeros elsewhere, so the
-  response holds nothing but the model's outputs.
+The network is first normalised into alternating affine maps and polynomial steps (flatten is
+free, consecutive affine maps merge, polynomial coefficients fold into the neighbouring affine
+maps) and rebalanced so that every layer's weights use the precision their plaintexts have.
+Then each affine map picks, among the ways ``layouts.py`` offers, the one that makes the whole
+plan cheapest: a small dynamic programme over layouts, with SEAL's measured cost of a rotation
+and of a plaintext product at the level where the map runs.
 """
 
 from __future__ import annotations
@@ -22,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from he_service.artifacts import Conv2d, Flatten, Linear, ModelArtifact, Poly
+from he_service.engine.layouts import Layout, affine_options, input_step
 from he_service.engine.params import choose_params
 from he_service.engine.plan import (
     AffineStep,
@@ -34,9 +29,14 @@ from he_service.engine.plan import (
 )
 from he_service.engine.reference import conv2d
 
-__all__ = ["MAX_POLY_DEGREE", "CompileError", "compile_plan"]
+__all__ = ["MAX_POLY_DEGREE", "CompileError", "compile_plan", "normalise"]
 
 MAX_POLY_DEGREE = 4
+
+# Milliseconds per rotation and per plaintext product by data primes left, SEAL at N=8192
+# on this project's 2-core reference machine; only their ratios steer the choice.
+_ROTATION_MS = {1: 1.0, 2: 2.0, 3: 3.2, 4: 5.0, 5: 6.9, 6: 8.9}
+_PRODUCT_MS = 0.06  # per prime
 
 
 class CompileError(ValueError):
@@ -47,20 +47,6 @@ class CompileError(ValueError):
 class _Affine:
     matrix: np.ndarray  # (out, in) over the flattened input of this map
     bias: np.ndarray
-    im2col: dict[str, object] | None = None  # set when the input is the client's patch matrix
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where element ``i`` of a vector sits: slot ``position[i] + k * period`` for every k."""
-
-    period: int
-    position: np.ndarray
-
-    def inverse(self) -> np.ndarray:
-        index = np.full(self.period, -1)
-        index[self.position] = np.arange(self.position.size)
-        return index
 
 
 def compile_plan(artifact: ModelArtifact) -> Plan:
@@ -74,67 +60,168 @@ def compile_plan(artifact: ModelArtifact) -> Plan:
 
     Raises:
         CompileError: a layer or activation the engine cannot evaluate.
+        ParameterError: the network is too deep or too wide for the largest ring.
     """
     ops = normalise(artifact)
-    depth = sum(1 if isinstance(op, _Affine) else op.levels for op in ops)
-    first = ops[0]
-    assert isinstance(first, _Affine)
-    widths = [_next_pow2(op.matrix.shape[0]) for op in ops if isinstance(op, _Affine)]
-    if first.im2col is not None:
-        input_width = int(first.im2col["rows"]) * int(first.im2col["block"])  # type: ignore[call-overload]
-    else:
-        input_width = _next_pow2(first.matrix.shape[1])
-    params, reason = choose_params(depth, max([input_width, *widths]))
-    slots = params.slot_count
+    activations = [op for op in ops if not isinstance(op, _Affine)]
+    widths = [_next_pow2(max(op.matrix.shape)) for op in ops if isinstance(op, _Affine)]
+    chain = choose_params(activations, max(widths))
+    ops = _balance(ops, chain.params.scale_bits, chain.weight_bits, chain.last_weight_bits)
+    affines = [op for op in ops if isinstance(op, _Affine)]
+    activations = [op for op in ops if not isinstance(op, _Affine)]
+    slots = chain.params.slot_count
+    first = input_step(affines[0].matrix, affines[0].bias, slots)
 
-    if first.im2col is not None:
-        spec = first.im2col
-        rows, windows, block = int(spec["rows"]), int(spec["windows"]), int(spec["block"])  # type: ignore[call-overload]
-        grid = np.arange(rows)[:, None] * block + np.arange(windows)[None, :]
-        layout = _Layout(slots, grid.reshape(-1))
-        input_encoding = {**spec, "kind": "im2col", "slot_count": slots}
-    else:
-        n = first.matrix.shape[1]
-        layout = _Layout(_next_pow2(n), np.arange(n))
-        input_encoding = {
-            "kind": "replicated",
-            "length": n,
-            "period": layout.period,
+    primes = len(chain.params.coeff_modulus_bits) - 1
+    levels = [primes]  # data primes left when each affine map runs
+    for act in activations:
+        levels.append(levels[-1] - act.primes)
+    # Dynamic programme: best (cost, steps) per output layout after each affine map.
+    frontier: dict[tuple[int, bool, bytes], tuple[float, list[AffineStep], Layout]] = {
+        first.layout.key: (
+            _cost(first.step.rotation_count(), first.index.shape[0], primes),
+            [],
+            first.layout,
+        )
+    }
+    for number, affine in enumerate(affines[1:], start=1):
+        last = number == len(affines) - 1
+        successors: dict[tuple[int, bool, bytes], tuple[float, list[AffineStep], Layout]] = {}
+        for cost, steps, layout in frontier.values():
+            for step, out in affine_options(affine.matrix, affine.bias, layout, slots, last=last):
+                if last and not out.clean:
+                    continue
+                total = cost + _cost(step.rotation_count(), len(step.terms), levels[number])
+                if out.key not in successors or total < successors[out.key][0]:
+                    successors[out.key] = (total, [*steps, step], out)
+        frontier = successors
+    if not frontier:
+        raise CompileError("no layout can evaluate this network's last layer cleanly")
+    _, chosen, out_layout = min(frontier.values(), key=lambda item: item[0])
+    sequence: list[Step] = [first.step]
+    for act, step in zip(activations, chosen, strict=True):
+        sequence += [act, step]
+    output_length = affines[-1].matrix.shape[0]
+    return Plan(
+        params=chain.params,
+        params_reason=chain.reason,
+        steps=tuple(sequence),
+        weight_bits=chain.weight_bits,
+        last_weight_bits=chain.last_weight_bits,
+        input_encoding={
+            "kind": "gather",
             "slot_count": slots,
-        }
-
-    steps: list[Step] = []
-    affine_count = sum(isinstance(op, _Affine) for op in ops)
-    seen = 0
-    for op in ops:
-        if not isinstance(op, _Affine):
-            steps.append(op)
-            continue
-        seen += 1
-        m = op.matrix.shape[0]
-        if seen == affine_count:
-            out = _Layout(slots, np.arange(m))  # outputs in [0, m), zeros elsewhere
-        else:
-            out = _Layout(_next_pow2(m), np.arange(m))
-        steps.append(_compile_affine(op, layout, out, slots))
-        layout = out
-    plan = Plan(
-        params=params,
-        params_reason=reason,
-        steps=tuple(steps),
-        input_encoding=input_encoding,
-        output_decoding={"kind": "prefix", "length": artifact.output_size},
+            "ciphertexts": int(first.index.shape[0]),
+            "period": int(first.index.shape[1]),
+            "length": int(affines[0].matrix.shape[1]),
+            "index": first.index.tolist(),
+        },
+        output_decoding={"kind": "prefix", "length": output_length, "period": out_layout.period},
     )
-    return plan
 
 
-def normalise(artifact: ModelArtifact, *, client_im2col: bool = True) -> list[_Affine | PolyStep]:
+def _cost(rotations: int, products: int, primes: int) -> float:
+    rotation = _ROTATION_MS.get(primes, 1.5 * primes)
+    return rotations * rotation + products * _PRODUCT_MS * primes
+
+
+# Noise floors in slot units at N=8192 (measured): fresh and rescale noise about 2^10 on a
+# value, CKKS rounding about 2^5 on an encoded weight.
+_VALUE_NOISE_BITS = 10
+_WEIGHT_NOISE_BITS = 13
+
+
+def _balance(
+    ops: list[_Affine | PolyStep], scale_bits: int, weight_bits: int, last_bits: int
+) -> list[_Affine | PolyStep]:
+    """Rescale hidden layers so that no value and no weight loses more precision than needed.
+
+    A plaintext weight is rounded to a fixed absolute step (one over its weight scale) and a
+    ciphertext value carries a fixed absolute noise (one over the scale), so a layer whose
+    weights are 1e-3, or whose inputs are 1e-3, keeps 10 bits fewer than one at 1. After the
+    activations' coefficients are folded in, both happen. Scaling layer l's output by a
+    (2^a_l), undone in the next map through the activation (x'^2 = a^2 x^2,
+    x'(x'^2 + a^2 k) = a^3 x (x^2 + k), (x'^2 + a^2 k)^2 + a^3 m x' = a^4 (...)), moves bits
+    from layer l+1's weights to its inputs and layer l's weights. The a_l that maximise the
+    worst layer's bits are found by bisection: each a_l is set to the least value its own
+    constraints allow, and the last layer (which cannot be rescaled) must still fit.
+    Input magnitudes are estimated by running unit-normal inputs through the network.
+    """
+    affines = [op for op in ops if isinstance(op, _Affine)]
+    steps = [op for op in ops if not isinstance(op, _Affine)]
+    if len(affines) < 2:
+        return ops
+    degrees = [
+        2 if isinstance(s, SquareStep) else 3 if isinstance(s, CubicStep) else 4 for s in steps
+    ]
+    weights = [math.log2(float(np.max(np.abs(a.matrix))) or 1.0) for a in affines]
+    inputs = _input_magnitudes(affines, steps)
+    bits = [weight_bits] * (len(affines) - 1) + [last_bits]
+
+    def gains(target: float) -> list[float] | None:
+        logs: list[float] = []
+        for layer in range(len(affines)):
+            previous = degrees[layer - 1] * logs[-1] if layer else 0.0
+            weight = weights[layer] + bits[layer] - _WEIGHT_NOISE_BITS - previous
+            if layer == len(affines) - 1:
+                return logs if weight >= target else None
+            # The least gain that keeps this layer's weights and the next layer's inputs at
+            # the target: a larger one would only cost the next layer's weights.
+            value = (target - inputs[layer + 1] - scale_bits + _VALUE_NOISE_BITS) / degrees[layer]
+            logs.append(max(target - weight, value))
+        return logs
+
+    low, high = -64.0, 64.0
+    best = gains(low) or [0.0] * (len(affines) - 1)
+    for _ in range(40):
+        middle = (low + high) / 2
+        found = gains(middle)
+        if found is None:
+            high = middle
+        else:
+            low, best = middle, found
+    factors = [2.0**g for g in best]
+
+    out: list[_Affine | PolyStep] = []
+    undo, layer = 1.0, 0
+    for op in ops:
+        if isinstance(op, _Affine):
+            gain = factors[layer] if layer < len(factors) else 1.0
+            out.append(_Affine(op.matrix * (gain / undo), op.bias * gain))
+            layer += 1
+            continue
+        a = factors[layer - 1]
+        if isinstance(op, SquareStep):
+            out.append(op)
+            undo = a**2
+        elif isinstance(op, CubicStep):
+            out.append(CubicStep(op.c1 * a**2, op.c2 * a, op.c3))
+            undo = a**3
+        else:
+            out.append(QuarticStep(op.k * a**2, op.m * a**3))
+            undo = a**4
+    return out
+
+
+def _input_magnitudes(affines: list[_Affine], steps: list[PolyStep]) -> list[float]:
+    """Return log2 of the RMS input of each affine map for unit-normal network inputs."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(affines[0].matrix.shape[1], 32))
+    magnitudes = []
+    for layer, affine in enumerate(affines):
+        magnitudes.append(math.log2(float(np.sqrt(np.mean(x * x))) or 1.0))
+        x = affine.matrix @ x + affine.bias[:, None]
+        if layer < len(steps):
+            x = steps[layer].simulate(x)
+    return magnitudes
+
+
+def normalise(artifact: ModelArtifact, *, client_im2col: bool = False) -> list[_Affine | PolyStep]:
     """Rewrite the network as alternating affine maps and depressed polynomial steps.
 
     Args:
         artifact: a checked model.
-        client_im2col: read a first conv from the client's patch matrix (latency plan);
-            when False every map acts on the flattened input (batch plan).
+        client_im2col: ignored; kept until the batch plan stops passing it.
 
     Returns:
         Affine maps (``matrix``, ``bias``) and polynomial steps, starting with an affine map.
@@ -152,7 +239,7 @@ def normalise(artifact: ModelArtifact, *, client_im2col: bool = True) -> list[_A
         if isinstance(layer, Flatten):
             continue
         if isinstance(layer, Conv2d | Linear):
-            affine = _affine_of(layer, in_shape, first=client_im2col and not ops)
+            affine = _affine_of(layer, in_shape)
             if pending is not None:
                 scale, offset = pending
                 # W (scale y + offset) + b = (scale W) y + (b + offset W 1)
@@ -165,7 +252,6 @@ def normalise(artifact: ModelArtifact, *, client_im2col: bool = True) -> list[_A
                 affine = _Affine(
                     affine.matrix @ previous.matrix,
                     affine.matrix @ previous.bias + affine.bias,
-                    previous.im2col,
                 )
             ops.append(affine)
             continue
@@ -217,10 +303,13 @@ def _depressed(coeffs: np.ndarray) -> tuple[PolyStep, float, float, float]:
     """Write ``p(x) = scale * step(x + shift) + offset`` with the cheapest step.
 
     Dividing by the leading coefficient and shifting x by ``c[d-1] / (d c[d])`` removes the
-    x^(d-1) term; what is left is x^2, x (x^2 + k) or (x^2 + k)^2 + m x, plus a constant. The
+    x^(d-1) term; what is left is x^2 or (x^2 + k)^2 + m x, plus a constant. The
     shift goes into the previous bias, the scale and constant into the next map: no level.
     """
     degree = len(coeffs) - 1
+    if degree == 3:  # see CubicStep: a cubic is evaluated as it is, only its constant moves
+        c0, c1, c2, c3 = (float(c) for c in coeffs)
+        return CubicStep(c1, c2, c3), 0.0, 1.0, c0
     lead = float(coeffs[-1])
     shift = float(coeffs[-2] / (degree * lead))
     monic = np.polynomial.Polynomial(coeffs / lead)
@@ -228,111 +317,21 @@ def _depressed(coeffs: np.ndarray) -> tuple[PolyStep, float, float, float]:
     r = np.concatenate([r, np.zeros(degree + 1 - r.size)])
     if degree == 2:
         return SquareStep(), shift, lead, lead * float(r[0])
-    if degree == 3:
-        return CubicStep(float(r[1])), shift, lead, lead * float(r[0])
     k = float(r[2]) / 2.0
     return QuarticStep(k, float(r[1])), shift, lead, lead * (float(r[0]) - k * k)
 
 
-def _affine_of(layer: Conv2d | Linear, in_shape: tuple[int, ...], *, first: bool) -> _Affine:
+def _affine_of(layer: Conv2d | Linear, in_shape: tuple[int, ...]) -> _Affine:
     if isinstance(layer, Linear):
         return _Affine(layer.weight.copy(), layer.bias.copy())
-    out_channels, in_channels, kh, kw = layer.weight.shape
-    height, width = in_shape[1], in_shape[2]
-    out_h = (height + 2 * layer.padding[0] - kh) // layer.stride[0] + 1
-    out_w = (width + 2 * layer.padding[1] - kw) // layer.stride[1] + 1
-    windows = out_h * out_w
-    if first:
-        # The client sends the patch matrix, so the conv is W (out, k) applied per window:
-        # matrix[(c, w), (k, w)] = W[c, k] over the patch matrix flattened row by row.
-        kernel = layer.weight.reshape(out_channels, -1)
-        rows = kernel.shape[1]
-        matrix = np.einsum("ck,wv->cwkv", kernel, np.eye(windows)).reshape(
-            out_channels * windows, rows * windows
-        )
-        spec = {
-            "kernel": [kh, kw],
-            "stride": list(layer.stride),
-            "padding": list(layer.padding),
-            "rows": rows,
-            "windows": windows,
-            "block": _next_pow2(windows),
-        }
-        return _Affine(matrix, np.repeat(layer.bias, windows), spec)
-    # A later conv is a sparse linear map of the flattened activation: read it off the
-    # responses to unit inputs (the bias is the response to zero).
-    size = in_channels * height * width
+    # A conv is a sparse linear map of the flattened input: read it off the responses to unit
+    # inputs (the bias is the response to zero).
+    size = math.prod(in_shape)
     zero = conv2d(np.zeros(in_shape), layer).reshape(-1)
     columns = [
         conv2d(np.eye(1, size, j).reshape(in_shape), layer).reshape(-1) - zero for j in range(size)
     ]
     return _Affine(np.stack(columns, axis=1), zero)
-
-
-def _compile_affine(op: _Affine, inp: _Layout, out: _Layout, slots: int) -> AffineStep:
-    matrix = op.matrix
-    m, n = matrix.shape
-    out_index = out.inverse()
-    slot = np.arange(slots)
-    rows = out_index[slot % out.period]
-    bias = np.where(rows >= 0, op.bias[np.maximum(rows, 0)], 0.0)
-    diagonals: dict[int, np.ndarray] = {}
-    fold: tuple[int, ...] = ()
-    if out.period < inp.period < slots:
-        # Hybrid: period_out diagonals over the replicated input, then fold the partial sums.
-        in_index = inp.inverse()
-        for offset in range(out.period):
-            cols = in_index[(slot + offset) % inp.period]
-            valid = (rows >= 0) & (cols >= 0)
-            diag = np.zeros(slots)
-            diag[valid] = matrix[rows[valid], cols[valid]]
-            if np.any(diag):
-                diagonals[offset] = diag
-        fold = tuple(out.period << k for k in range(int(math.log2(inp.period // out.period))))
-    else:
-        # General: one diagonal per distinct (input slot - output slot) offset that carries
-        # a weight; built from the non-zeros only, so a sparse conv stays cheap to compile.
-        r_idx, c_idx = np.nonzero(matrix)
-        copies = slots // out.period
-        s = out.position[r_idx][:, None] + out.period * np.arange(copies)[None, :]
-        offsets = (inp.position[c_idx][:, None] - s) % inp.period
-        values = np.broadcast_to(matrix[r_idx, c_idx][:, None], s.shape)
-        for offset in np.unique(offsets):
-            mask = offsets == offset
-            diag = np.zeros(slots)
-            np.add.at(diag, s[mask], values[mask])
-            diagonals[int(offset)] = diag
-    if not diagonals:
-        diagonals[0] = np.zeros(slots)
-    stride, baby_count = _bsgs_shape(sorted(diagonals), inp.period)
-    terms: dict[tuple[int, int], np.ndarray] = {}
-    for offset, diag in diagonals.items():
-        t = offset // stride
-        giant, baby = divmod(t, baby_count)
-        terms[(giant, baby)] = np.roll(diag, stride * baby_count * giant)
-    return AffineStep(
-        stride=stride,
-        baby_count=baby_count,
-        terms=terms,
-        bias=bias,
-        fold_steps=fold,
-        description=f"affine {n}->{m} ({len(diagonals)} diagonals, fold {len(fold)})",
-    )
-
-
-def _bsgs_shape(offsets: list[int], period: int) -> tuple[int, int]:
-    """Pick the stride and baby-step count that need the fewest distinct rotations."""
-    stride = math.gcd(period, *offsets)
-    ts = [o // stride for o in offsets]
-    best: tuple[int, int] | None = None
-    baby = 1
-    while baby <= period // stride:
-        cost = len({t % baby for t in ts} - {0}) + len({t // baby for t in ts} - {0})
-        if best is None or cost < best[0]:
-            best = (cost, baby)
-        baby *= 2
-    assert best is not None
-    return stride, best[1]
 
 
 def _next_pow2(n: int) -> int:

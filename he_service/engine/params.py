@@ -1,48 +1,98 @@
-"""Choose CKKS parameters: the smallest ring that holds a plan's depth at 128-bit security."""
+"""Choose CKKS parameters: the fewest, smallest primes that hold a plan at 128-bit security.
+
+Every SEAL operation costs in proportion to the primes a ciphertext still carries (a rotation
+is 8.9 ms with 6 primes, 3.2 ms with 3, at N=8192), so the chain is built from the plan's steps
+with lazy rescaling (see ``plan.py``): one prime per square activation, two per cubic or
+quartic, and the last prime, which holds the outputs.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from he_service.engine.plan import CubicStep, PolyStep, QuarticStep, SquareStep
 from he_service.protocol.params import MAX_COEFF_BITS_128, CkksParams
 
 __all__ = [
     "OUTPUT_HEADROOM_BITS",
-    "SPECIAL_PRIME_EXTRA_BITS",
+    "ChainChoice",
     "ParameterError",
     "choose_params",
 ]
 
-# The last remaining prime must hold scale * |output|: 12 bits keep outputs below 2^11 = 2048
-# (the shipped models stay below 86 on their data, all-white and random-noise inputs).
+# The last prime must hold scale * weight scale * |output|: 12 bits keep outputs below
+# 2^11 = 2048 (the shipped models stay below 86 on their data, all-white and noise inputs).
 OUTPUT_HEADROOM_BITS = 12
-# Key switching (rotations, relinearization) adds noise in proportion to q_max / special
-# prime: a special prime 24 bits above the scale cut mnist-cnn's logit error 10x (measured:
-# 2.7e-2 with [39, 27 x 5, 39], 2.8e-3 with [38, 26 x 5, 50], same 218-bit budget).
-SPECIAL_PRIME_EXTRA_BITS = 24
 _MAX_PRIME_BITS = 60
-_MIN_SCALE_BITS = 25  # below this, rescale noise starts to flip argmaxes of real models
-_MAX_SCALE_BITS = 40  # more precision than float32 weights carry buys nothing
 _RING_DEGREES = (4096, 8192, 16384, 32768)
+# Key switching (rotations, relinearization) adds noise of about 2^14 * q_max / special prime
+# in slot units (measured at N=8192). The engine rotates and relinearizes only ciphertexts
+# whose scale is >= 2^40 (products before their rescale), so a special prime up to 10 bits
+# below the largest data prime keeps that noise below 2^-16.
+_SPECIAL_SLACK_BITS = 10
+
+
+def _candidates() -> list[tuple[int, int, int]]:
+    """Return (scale, weight, last-weight) bit sizes, most precise first.
+
+    Weight rounding dominates the error: CKKS rounds an encoded weight by about sqrt(N/12)
+    ~ 2^5 slot units, on every slot, so the last layer, which also multiplies the partial sums
+    a ``window`` layer leaves in unused slots, needs about 4 bits more than the others. Fresh
+    and rescale noise is about 2^10 slot units, which a scale of 2^18 keeps below 2^-8 of a
+    value. Measured on mnist-cnn (max logit error, 8 images): (18, 20, 24) 0.025,
+    (18, 21, 22) 0.039, (20, 20, 16) 0.043, (16, 22, 18) 0.19, (26, 16, 18) 1.9.
+    """
+    options = [
+        (scale, weight, last)
+        for scale in range(18, 31)
+        for weight in range(12, 24)
+        for last in range(16, 29, 2)
+    ]
+    return sorted(options, key=lambda o: (-min(o[1], o[2] - 4, o[0] + 2), -o[0], -o[2]))
+
+
+_CANDIDATES = _candidates()
 
 
 class ParameterError(ValueError):
     """No ring in the 128-bit table holds the plan."""
 
 
-def choose_params(depth: int, slots_needed: int) -> tuple[CkksParams, dict[str, Any]]:
-    """Pick the smallest N (and prime sizes) with enough slots and levels.
+@dataclass(frozen=True)
+class ChainChoice:
+    """Parameters plus the weight scales the evaluator encodes with."""
 
-    The chain is ``[q0, depth x scale, special]``: ``q0`` carries the output headroom, each
-    middle prime equals the scale so that rescaling keeps values exact, and the special prime
-    is larger still to keep key-switching noise small.
+    params: CkksParams
+    weight_bits: int
+    last_weight_bits: int
+    reason: dict[str, Any]
+
+
+def data_primes(activations: Sequence[PolyStep], scale: int, weight: int, last: int) -> list[int]:
+    """Return the data-prime sizes, first dropped first, last (output) prime at the end."""
+    primes: list[int] = []
+    for step in activations:
+        if isinstance(step, CubicStep | QuarticStep):
+            # x^2 + k stays at scale * weight (not at scale, where its cancellation would cost
+            # bits); the second product brings the result back to the scale.
+            primes += [scale + weight, scale + 2 * weight]
+        else:
+            primes.append(scale + 2 * weight)  # pays for the affine map and the square
+    primes.append(scale + last + OUTPUT_HEADROOM_BITS)
+    return primes
+
+
+def choose_params(activations: Sequence[PolyStep], slots_needed: int) -> ChainChoice:
+    """Pick the smallest N, then the most precise chain that fits its 128-bit budget.
 
     Args:
-        depth: the number of rescales the plan performs.
+        activations: the plan's polynomial steps, in order.
         slots_needed: the widest slot layout of the plan.
 
     Returns:
-        The parameters and a JSON-able explanation for the model card.
+        The parameters, weight scales and a JSON-able explanation for the model card.
 
     Raises:
         ParameterError: the depth or width exceeds what N=32768 allows at 128-bit security.
@@ -51,46 +101,43 @@ def choose_params(depth: int, slots_needed: int) -> tuple[CkksParams, dict[str, 
         if degree // 2 < slots_needed:
             continue
         budget = MAX_COEFF_BITS_128[degree]
-        chain = _chain(budget, depth)
-        if chain is None:
-            continue
-        scale_bits, special = chain
-        bits = (scale_bits + OUTPUT_HEADROOM_BITS, *([scale_bits] * depth), special)
-        why = {
-            "depth": depth,
-            "slots_needed": slots_needed,
-            "total_coeff_bits": sum(bits),
-            "max_coeff_bits_at_128_bit_security": budget,
-            "reason": (
-                f"N={degree} is the smallest ring with >= {slots_needed} slots whose "
-                f"{budget}-bit modulus budget (HomomorphicEncryption.org, 128-bit) holds "
-                f"{depth} rescales at a {scale_bits}-bit scale"
-            ),
-        }
-        return CkksParams(degree, bits, scale_bits), why
+        for scale, weight, last in _CANDIDATES:
+            primes = data_primes(activations, scale, weight, last)
+            special = min(_MAX_PRIME_BITS, budget - sum(primes))
+            if max(primes) > _MAX_PRIME_BITS or special < max(primes) - _SPECIAL_SLACK_BITS:
+                continue
+            bits = (primes[-1], *reversed(primes[:-1]), special)  # SEAL drops the last first
+            reason = {
+                "depth": sum(step.primes for step in activations),
+                "data_primes": len(primes),
+                "slots_needed": slots_needed,
+                "total_coeff_bits": sum(bits),
+                "max_coeff_bits_at_128_bit_security": budget,
+                "weight_scale_bits": weight,
+                "last_weight_scale_bits": last,
+                "reason": (
+                    f"N={degree} is the smallest ring with >= {slots_needed} slots whose "
+                    f"{budget}-bit budget (HomomorphicEncryption.org, 128-bit) holds "
+                    f"{len(activations)} activations with lazy rescaling: {len(primes)} data "
+                    f"primes at a {scale}-bit scale and {weight}-bit weights"
+                ),
+            }
+            return ChainChoice(CkksParams(degree, bits, scale), weight, last, reason)
     raise ParameterError(
-        f"the network needs multiplicative depth {depth} and {slots_needed} slots; N=32768 at "
-        f"128-bit security holds at most depth {_max_depth(MAX_COEFF_BITS_128[32768])} "
+        f"the network needs {len(activations)} activations "
+        f"({sum(s.primes for s in activations)} levels) and {slots_needed} slots; N=32768 at "
+        f"128-bit security holds at most {max_activations()} square activations "
         "and 16384 slots"
     )
 
 
-def _chain(budget: int, depth: int) -> tuple[int, int] | None:
-    """Return (scale bits, special prime bits) that fit the budget, or None.
-
-    A large special prime is worth more than a bit of scale (see above), so the largest
-    special-prime margin that fits wins, then the largest scale.
-    """
-    for extra in range(SPECIAL_PRIME_EXTRA_BITS, OUTPUT_HEADROOM_BITS - 1, -1):
-        for scale_bits in range(_MAX_SCALE_BITS, _MIN_SCALE_BITS - 1, -1):
-            special = min(_MAX_PRIME_BITS, scale_bits + extra)
-            if scale_bits * (depth + 1) + OUTPUT_HEADROOM_BITS + special <= budget:
-                return scale_bits, special
-    return None
-
-
-def _max_depth(budget: int) -> int:
-    depth = 0
-    while _chain(budget, depth + 1) is not None:
-        depth += 1
-    return depth
+def max_activations() -> int:
+    """Return how many square activations the largest ring holds."""
+    budget = MAX_COEFF_BITS_128[_RING_DEGREES[-1]]
+    scale, weight, last = min(_CANDIDATES, key=lambda o: o[0] + 2 * o[1] + o[2])
+    count = 0
+    while True:
+        primes = data_primes([SquareStep()] * (count + 1), scale, weight, last)
+        if sum(primes) + max(primes) - _SPECIAL_SLACK_BITS > budget:
+            return count
+        count += 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from he_service.artifacts import Conv2d, Flatten, Linear, ModelArtifact, Poly
-from he_service.protocol.encoding import im2col
 
 __all__ = ["conv2d", "forward_plain"]
 
@@ -13,10 +12,28 @@ __all__ = ["conv2d", "forward_plain"]
 def conv2d(x: np.ndarray, layer: Conv2d) -> np.ndarray:
     """Return the convolution of one (C, H, W) sample, as torch computes it."""
     out_channels, _, kh, kw = layer.weight.shape
-    patches = im2col(x, (kh, kw), layer.stride, layer.padding)
+    patches = _im2col(x, (kh, kw), layer.stride, layer.padding)
     out = layer.weight.reshape(out_channels, -1) @ patches + layer.bias[:, None]
     out_h = (x.shape[1] + 2 * layer.padding[0] - kh) // layer.stride[0] + 1
     return out.reshape(out_channels, out_h, -1)
+
+
+def _im2col(
+    x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> np.ndarray:
+    """Return the (C*kh*kw, windows) patch matrix of a (C, H, W) image, torch's weight order."""
+    channels, height, width = x.shape
+    kh, kw = kernel
+    padded = np.pad(x, ((0, 0), (padding[0],) * 2, (padding[1],) * 2))
+    out_h = (height + 2 * padding[0] - kh) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - kw) // stride[1] + 1
+    rows = np.empty((channels, kh, kw, out_h, out_w))
+    for i in range(kh):
+        for j in range(kw):
+            rows[:, i, j] = padded[
+                :, i : i + stride[0] * out_h : stride[0], j : j + stride[1] * out_w : stride[1]
+            ]
+    return rows.reshape(channels * kh * kw, out_h * out_w)
 
 
 def forward_plain(artifact: ModelArtifact, x: np.ndarray) -> np.ndarray:

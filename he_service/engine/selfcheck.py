@@ -47,11 +47,14 @@ def encrypted_outputs(plan: Plan, samples: Iterable[np.ndarray], *, seed: int = 
     decryptor = seal.Decryptor(context, keygen.secret_key())
     results = []
     for sample in samples:
-        plain = seal.Plaintext()
-        encoder.encode(encode_input(sample, plan.input_encoding).tolist(), params.scale, plain)
-        ct = seal.Ciphertext()
-        encryptor.encrypt_symmetric(plain, ct)
-        out = evaluator.evaluate(ct, relin, galois)
+        cts = []
+        for vector in encode_input(sample, plan.input_encoding):
+            plain = seal.Plaintext()
+            encoder.encode(vector.tolist(), params.scale, plain)
+            ct = seal.Ciphertext()
+            encryptor.encrypt_symmetric(plain, ct)
+            cts.append(ct)
+        out = evaluator.evaluate(cts, relin, galois)
         decryptor.decrypt(out, plain)
         slots = np.asarray(encoder.decode_double(plain))
         results.append(decode_output(slots, plan.output_decoding))

@@ -1,7 +1,7 @@
 """Wire protocol shared by the server and the client SDK (numpy and tenseal only)."""
 
-from he_service.protocol.card import CARD_VERSION, ModelCard
-from he_service.protocol.encoding import decode_output, encode_input, im2col, preprocess
+from he_service.protocol.card import CARD_VERSION, ModelCard, PlanCard
+from he_service.protocol.encoding import decode_output, encode_input, preprocess
 from he_service.protocol.errors import ProtocolError
 from he_service.protocol.framing import CONTEXT_HEADER, MEDIA_TYPE, decode_frames, encode_frames
 from he_service.protocol.keys import KeyBundle, decode_key_bundle, encode_key_bundle
@@ -15,6 +15,7 @@ __all__ = [
     "CkksParams",
     "KeyBundle",
     "ModelCard",
+    "PlanCard",
     "ProtocolError",
     "decode_frames",
     "decode_key_bundle",
@@ -23,7 +24,6 @@ __all__ = [
     "encode_input",
     "encode_key_bundle",
     "galois_element",
-    "im2col",
     "load_seal",
     "preprocess",
     "save_seal",

@@ -13,7 +13,7 @@ import numpy as np
 
 from he_service.protocol.errors import ProtocolError
 
-__all__ = ["decode_output", "encode_input", "im2col", "preprocess"]
+__all__ = ["decode_output", "encode_input", "preprocess"]
 
 
 def preprocess(x: np.ndarray, spec: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndarray:
@@ -44,66 +44,42 @@ def preprocess(x: np.ndarray, spec: Mapping[str, Any], shape: tuple[int, ...]) -
     return (array - mean) / std
 
 
-def im2col(
-    x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
-) -> np.ndarray:
-    """Return the (C*kh*kw, windows) patch matrix of a (C, H, W) image, torch's weight order."""
-    channels, height, width = x.shape
-    kh, kw = kernel
-    padded = np.pad(x, ((0, 0), (padding[0],) * 2, (padding[1],) * 2))
-    out_h = (height + 2 * padding[0] - kh) // stride[0] + 1
-    out_w = (width + 2 * padding[1] - kw) // stride[1] + 1
-    rows = np.empty((channels, kh, kw, out_h, out_w))
-    for i in range(kh):
-        for j in range(kw):
-            rows[:, i, j] = padded[
-                :, i : i + stride[0] * out_h : stride[0], j : j + stride[1] * out_w : stride[1]
-            ]
-    return rows.reshape(channels * kh * kw, out_h * out_w)
-
-
-def encode_input(x: np.ndarray, encoding: Mapping[str, Any]) -> np.ndarray:
+def encode_input(x: np.ndarray, encoding: Mapping[str, Any]) -> list[np.ndarray]:
     """Lay one preprocessed sample out in CKKS slots as the card's ``input_encoding`` says.
+
+    The ``gather`` encoding lists, per ciphertext, the input element each slot of one period
+    carries (-1: zero); the period repeats to fill the ciphertext. The server's first layer is
+    then plaintext products and a few folds, with no rotation of the input.
 
     Args:
         x: the preprocessed sample in the model's input shape.
-        encoding: ``{"kind": "im2col", ...}`` or ``{"kind": "replicated", ...}``.
+        encoding: the card's ``input_encoding``.
 
     Returns:
-        A float64 vector of ``slot_count`` values.
+        One float64 vector of ``slot_count`` values per ciphertext to encrypt.
 
     Raises:
         ProtocolError: unknown kind, or a sample that does not fit the encoding.
     """
-    slots = int(encoding["slot_count"])
-    kind = encoding.get("kind")
-    vector = np.zeros(slots)
-    if kind == "im2col":
-        patches = im2col(
-            np.asarray(x, dtype=np.float64),
-            tuple(encoding["kernel"]),
-            tuple(encoding["stride"]),
-            tuple(encoding["padding"]),
-        )
-        rows, windows, block = encoding["rows"], encoding["windows"], encoding["block"]
-        if patches.shape != (rows, windows):
-            raise ProtocolError(f"im2col gives {patches.shape}, the card expects {(rows, windows)}")
-        grid = vector.reshape(slots // block, block)
-        grid[:rows, :windows] = patches
-        return vector
-    if kind == "replicated":
-        flat = np.asarray(x, dtype=np.float64).reshape(-1)
-        length, period = encoding["length"], encoding["period"]
-        if flat.size != length:
-            raise ProtocolError(f"input has {flat.size} values, the card expects {length}")
-        copy = np.zeros(period)
-        copy[:length] = flat
-        return np.tile(copy, slots // period)
-    raise ProtocolError(f"unknown input encoding {kind!r}")
+    if encoding.get("kind") != "gather":
+        raise ProtocolError(f"unknown input encoding {encoding.get('kind')!r}")
+    flat = np.asarray(x, dtype=np.float64).reshape(-1)
+    if flat.size != int(encoding["length"]):
+        raise ProtocolError(f"input has {flat.size} values, the card expects {encoding['length']}")
+    slots, period = int(encoding["slot_count"]), int(encoding["period"])
+    index = np.asarray(encoding["index"], dtype=np.int64)
+    if index.ndim != 2 or index.shape[1] != period or slots % period:
+        raise ProtocolError("input encoding index does not match its period and slot count")
+    padded = np.concatenate([flat, [0.0]])  # index -1 reads the trailing zero
+    return [np.tile(padded[row], slots // period) for row in index]
 
 
 def decode_output(slots: np.ndarray, decoding: Mapping[str, Any]) -> np.ndarray:
-    """Read the model's outputs from decrypted slots as the card's ``output_decoding`` says."""
+    """Read the model's outputs from decrypted slots as the card's ``output_decoding`` says.
+
+    Output ``o`` sits at slot ``o`` (and, when the plan's last fold is cyclic, at every slot
+    ``o + k * period``); every other slot is zero.
+    """
     if decoding.get("kind") != "prefix":
         raise ProtocolError(f"unknown output decoding {decoding.get('kind')!r}")
     length = int(decoding["length"])

@@ -73,10 +73,10 @@ class CkksParams:
             raise ProtocolError(f"poly_modulus_degree {degree!r} is not a supported ring degree")
         if not (
             isinstance(bits, list)
-            and 3 <= len(bits) <= 64
+            and 2 <= len(bits) <= 64
             and all(isinstance(b, int) and 17 <= b <= 60 for b in bits)
         ):
-            raise ProtocolError("coeff_modulus_bits must be 3-64 prime sizes of 17-60 bits")
+            raise ProtocolError("coeff_modulus_bits must be 2-64 prime sizes of 17-60 bits")
         if sum(bits) > MAX_COEFF_BITS_128[degree]:
             raise ProtocolError(
                 f"coeff_modulus_bits sum to {sum(bits)} bits; N={degree} allows "

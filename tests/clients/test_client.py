@@ -32,7 +32,7 @@ def test_saved_keys_reload_and_reuse_the_uploaded_context(
     ciphertext = again.encrypt(x)
     # Keys loaded from the file decrypt what the original session's keys encrypt.
     np.testing.assert_allclose(
-        again.keys.decrypt(session.keys.encrypt(np.ones(4096)))[:4], 1.0, atol=1e-4
+        again.keys.decrypt(session.keys.encrypt(np.ones(4096)))[:4], 1.0, atol=1e-2
     )
     assert ciphertext
 
@@ -40,12 +40,12 @@ def test_saved_keys_reload_and_reuse_the_uploaded_context(
 def test_public_context_never_holds_the_secret_key(session: ModelSession) -> None:
     bundle = decode_key_bundle(session.public_context())
     assert set(bundle.sections) == {"relin_keys", "galois_keys"}
-    assert bundle.galois_steps == session.card.galois_steps
+    assert bundle.galois_steps == session.spec.galois_steps
 
 
 def test_keys_for_other_parameters_are_refused_locally(client: HEClient) -> None:
     card = client.card("mnist-cnn")
-    keys = KeySet.generate(card.ckks, ())
+    keys = KeySet.generate(card.plan("latency").ckks, ())
     with pytest.raises(ValueError, match="do not fit"):
         client.model("mnist-cnn", keys=keys)
 

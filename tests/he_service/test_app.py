@@ -40,10 +40,12 @@ def test_health_lists_the_shipped_model(client: HEClient) -> None:
 def test_card_describes_parameters_and_encodings(client: HEClient) -> None:
     card = client.card("mnist-cnn")
     assert card.input_shape == (1, 28, 28)
-    assert card.ckks.poly_modulus_degree == 8192
-    assert card.input_encoding["kind"] == "im2col"
-    assert card.galois_steps and all(s > 0 for s in card.galois_steps)
-    assert "reason" in card.details["plan"]["parameters"]
+    latency = card.plan("latency")
+    assert latency.ckks.poly_modulus_degree == 8192
+    assert latency.input_encoding["kind"] == "gather"
+    assert latency.input_encoding["ciphertexts"] == 4
+    assert latency.galois_steps and all(0 < s < 4096 for s in latency.galois_steps)
+    assert "reason" in latency.details["parameters"]
 
 
 def test_openapi_lists_every_route(app: Flask) -> None:
@@ -111,12 +113,12 @@ def test_context_for_other_parameters_gets_409(client: HEClient) -> None:
 def test_context_lacking_galois_steps_gets_409_naming_them(
     client: HEClient, session: ModelSession, mnist_test_images: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    steps = session.card.galois_steps
-    partial = KeySet.generate(session.card.ckks, steps[:-2])
+    steps = session.spec.galois_steps
+    partial = KeySet.generate(session.spec.ckks, steps[:-2])
     context_id = client.upload_context(partial.public_context)
-    ciphertext = partial.encrypt(np.zeros(session.card.ckks.slot_count))
+    ciphertext = partial.encrypt(np.zeros(session.spec.ckks.slot_count))
     with pytest.raises(ParameterMismatchError, match="Galois") as info:
-        client.predict_raw("mnist-cnn", context_id, [ciphertext])
+        client.predict_raw("mnist-cnn", context_id, [ciphertext] * 4)
     assert info.value.details["missing"] == list(steps[-2:])
     client.delete_context(context_id)
 
@@ -129,7 +131,7 @@ def test_unknown_model_and_context_get_404(client: HEClient, session: ModelSessi
     with pytest.raises(ModelNotFoundError):
         client.predict_raw("nope", session.context_id, [b"x"])
     with pytest.raises(ContextNotFoundError):
-        client.predict_raw("mnist-cnn", "0" * 64, [session.encrypt(np.zeros((1, 28, 28)))])
+        client.predict_raw("mnist-cnn", "0" * 64, session.encrypt(np.zeros((1, 28, 28))))
     assert not client.has_context("0" * 64)
     with pytest.raises(NotFoundError):
         client.delete_context("0" * 64)
@@ -153,8 +155,8 @@ def test_garbage_ciphertexts_get_400(app: Flask, session: ModelSession, kind: st
     body = {
         "empty": b"",
         "random": np.random.default_rng(1).bytes(3000),
-        "random-frame": encode_frames([np.random.default_rng(2).bytes(3000)]),
-        "truncated": encode_frames([good])[: len(good) // 2],
+        "random-frame": encode_frames([np.random.default_rng(2).bytes(3000)] * 4),
+        "truncated": encode_frames(good)[: len(good[0]) // 2],
     }[kind]
     error = _json_error(
         app,
@@ -178,32 +180,47 @@ def _raw_predict(app: Flask, session: ModelSession, frames: list[bytes]) -> dict
     )
 
 
-def test_wrong_slot_count_scale_and_level_get_400(app: Flask, session: ModelSession) -> None:
+def test_wrong_count_slot_count_scale_and_level_get_400(app: Flask, session: ModelSession) -> None:
+    good = session.encrypt(np.zeros((1, 28, 28)))
+    error = _raw_predict(app, session, good[:3])
+    assert "takes 4 ciphertexts per sample; got 3" in error["message"]
     small = KeySet.generate(CkksParams(4096, (39, 30, 39), 30), ())
-    error = _raw_predict(app, session, [small.encrypt(np.zeros(2048))])
+    error = _raw_predict(app, session, [small.encrypt(np.zeros(2048))] * 4)
     assert "not valid for the model's CKKS parameters" in error["message"]
 
     import tenseal.sealapi as seal
 
     from he_service.protocol import save_seal, seal_context
 
-    context = seal_context(session.card.ckks)
+    context = seal_context(session.spec.ckks)
     plain = seal.Plaintext()
-    seal.CKKSEncoder(context).encode([0.5] * 16, 2.0**20, plain)
+    seal.CKKSEncoder(context).encode([0.5] * 16, session.spec.ckks.scale * 4, plain)
     ct = seal.Ciphertext()
     seal.Encryptor(context, session.keys.secret_key).encrypt_symmetric(plain, ct)
-    assert "scale" in _raw_predict(app, session, [save_seal(ct)])["message"]
-    seal.CKKSEncoder(context).encode([0.5] * 16, session.card.ckks.scale, plain)
+    assert "scale" in _raw_predict(app, session, [save_seal(ct)] * 4)["message"]
+    seal.CKKSEncoder(context).encode([0.5] * 16, session.spec.ckks.scale, plain)
     seal.Encryptor(context, session.keys.secret_key).encrypt_symmetric(plain, ct)
     seal.Evaluator(context).mod_switch_to_next_inplace(ct)
-    assert "wrong level" in _raw_predict(app, session, [save_seal(ct)])["message"]
+    assert "wrong level" in _raw_predict(app, session, [save_seal(ct)] * 4)["message"]
 
 
 def test_too_many_samples_get_413(client: HEClient, session: ModelSession) -> None:
     one = session.encrypt(np.zeros((1, 28, 28)))
-    limit = session.card.max_samples_per_request
+    limit = session.spec.max_samples_per_request
     with pytest.raises(PayloadTooLargeError, match=f"limit of {limit} samples"):
-        client.predict_raw("mnist-cnn", session.context_id, [one] * (limit + 1))
+        client.predict_raw("mnist-cnn", session.context_id, one * (limit + 1))
+
+
+def test_unknown_plan_gets_400(app: Flask, session: ModelSession) -> None:
+    error = _json_error(
+        app,
+        "POST",
+        "/v1/models/mnist-cnn/predict?plan=fastest",
+        400,
+        data=b"x",
+        headers={"X-Context-Id": session.context_id},
+    )
+    assert "not 'fastest'" in error["message"]
 
 
 def test_bodies_over_the_limit_get_413_before_parsing() -> None:

@@ -74,12 +74,12 @@ def test_convert_writes_an_artifact_and_prints_the_report(
     out = capsys.readouterr().out
     assert "1: BatchNorm2d(" in out and "folded into 0" in out
     assert "2: ReLU() -> poly degree 2 on [" in out
-    assert "multiplicative depth 3" in out
+    assert "multiplicative depth 1" in out
     assert "wrote " in out
     artifact = load_artifact(workdir / "out" / "tiny-net")
     assert artifact.labels == ("a", "b", "c")
     assert artifact.preprocessing == {"scale": 0.00392, "mean": [0.5], "std": [0.25]}
-    assert compile_plan(artifact).params_reason["depth"] == 3
+    assert compile_plan(artifact).params_reason["depth"] == 1
     manifest = json.loads((workdir / "out" / "tiny-net" / "manifest.json").read_text())
     assert manifest["conversion"]["activations"][0]["degree"] == 2
     assert manifest["conversion"]["output_bound"]["samples"] == 40

@@ -240,7 +240,7 @@ def test_convert_works_on_a_copy_and_logs_one_line_per_layer(
     assert messages[2].startswith("2: ReLU() -> poly degree 2 on [")
     assert "fit rms error" in messages[2]
     assert messages[3].endswith("-> removed (identity at inference)")
-    assert messages[-1].startswith("multiplicative depth 3 ")
+    assert messages[-1].startswith("multiplicative depth 1 ")
     assert "N=4096" in messages[-1] or "N=8192" in messages[-1]
     (fit,) = report.activations
     lo, hi = fit.lo, fit.hi
@@ -264,7 +264,7 @@ def test_degree_choice() -> None:
     _, relu = convert(_identity_then(nn.ReLU()), x, tolerance=0.12)
     assert [a.degree for a in sigmoid.activations + relu.activations] == [3, 4]
     assert all(a.within_tolerance and a.levels == 2 for a in sigmoid.activations)
-    assert relu.depth == 4
+    assert relu.depth == 2  # a quartic costs two levels
     _, capped = convert(_identity_then(nn.ReLU()), x, max_degree=2)
     assert [a.degree for a in capped.activations] == [2]
     assert not capped.activations[0].within_tolerance
@@ -283,18 +283,19 @@ def test_depth_counts_like_the_engine(tmp_path: Path) -> None:
     linear = nn.Linear(2, 2)
     poly2 = PolyActivation((0.0, 1.0, 1.0), -1, 1)
     affine = PolyActivation((1.0, 2.0), -1, 1)
-    assert depth_of([linear, poly2, linear]) == 3
-    assert depth_of([linear, nn.Flatten(), linear, poly2, linear]) == 3
-    assert depth_of([linear, affine, linear]) == 1  # merges into one affine map
-    assert depth_of([linear, poly2]) == 3  # the trailing activation needs one more map
+    # Lazy rescaling: affine maps ride on the activations' primes.
+    assert depth_of([linear, poly2, linear]) == 1
+    assert depth_of([linear, nn.Flatten(), linear, poly2, linear]) == 1
+    assert depth_of([linear, affine, linear]) == 0  # merges into one affine map
+    assert depth_of([linear, poly2]) == 1
     limits = max_depth_by_ring()
-    assert limits[8192] == 5
+    assert limits[8192] == 3
 
     # Degree 3-4 polynomials: the engine is the authority where it supports them.
     x = np.random.default_rng(0).normal(size=(64, 3))
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
     network, _ = convert(model, x, degrees=4)
-    assert network.depth == 4
+    assert network.depth == 2
     try:
         export_converted(
             network, tmp_path, "quartic", labels=["a", "b"], preprocessing={}, check_x=x
@@ -309,7 +310,7 @@ def test_depth_counts_like_the_engine(tmp_path: Path) -> None:
 
 def test_too_deep_for_any_ring_is_refused_and_nothing_written(tmp_path: Path) -> None:
     layers: list[nn.Module] = []
-    for _ in range(17):
+    for _ in range(21):
         layers += [nn.Linear(2, 2), Square()]
     layers.append(nn.Linear(2, 2))
     model = nn.Sequential(*layers)
@@ -320,12 +321,12 @@ def test_too_deep_for_any_ring_is_refused_and_nothing_written(tmp_path: Path) ->
                 layer.bias.zero_()
     x = np.random.default_rng(0).uniform(-0.5, 0.5, size=(8, 2))
     network, report = convert(model, x)
-    assert network.depth == report.depth == 35
+    assert network.depth == report.depth == 21
     assert "too deep" in report.lines()[-1]
     with pytest.raises(ExportError) as caught:
         export_converted(network, tmp_path, "deep", labels=["a", "b"], preprocessing={}, check_x=x)
     message = str(caught.value)
-    assert "depth 35" in message and "at most depth 32" in message
+    assert "21 activations" in message and "at most 19 square activations" in message
     assert list(tmp_path.iterdir()) == []
 
 

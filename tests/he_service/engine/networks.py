@@ -68,3 +68,15 @@ def random_network(rng: np.random.Generator) -> tuple[ModelArtifact, np.ndarray]
     weight = rng.normal(size=(outputs, width)) / np.sqrt(width)
     layers.append(Linear(weight, rng.normal(size=outputs) * 0.1))
     return make_artifact(layers, shape), rng.normal(size=shape)
+
+
+def response_deviation(slots: np.ndarray, expected: np.ndarray, decoding: dict) -> float:
+    """Return how far decrypted slots are from "the outputs, replicated, and zeros elsewhere".
+
+    Output ``o`` may sit at every slot ``o + k * period``; every other slot must be zero, so the
+    key owner learns the outputs and nothing else (no partial sums of weights times inputs).
+    """
+    period = int(decoding["period"])
+    index = np.arange(slots.size) % period
+    wanted = np.where(index < expected.size, expected[np.minimum(index, expected.size - 1)], 0.0)
+    return float(np.abs(slots - wanted).max())

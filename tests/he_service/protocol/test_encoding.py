@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from he_service.artifacts import Conv2d
+from he_service.engine.reference import _im2col as im2col
 from he_service.engine.reference import conv2d
-from he_service.protocol import ProtocolError, decode_output, encode_input, im2col, preprocess
+from he_service.protocol import ProtocolError, decode_output, encode_input, preprocess
 
 
 def test_im2col_matches_a_direct_convolution() -> None:
@@ -21,33 +22,29 @@ def test_im2col_matches_a_direct_convolution() -> None:
     assert im2col(x, (3, 2), (2, 1), (1, 0)).shape == (12, 30)
 
 
-def test_im2col_encoding_puts_row_k_in_block_k() -> None:
-    x = np.arange(16.0).reshape(1, 4, 4)
+def test_gather_encoding_reads_the_index_table_and_repeats_its_period() -> None:
+    x = np.array([[1.0, 2.0], [3.0, 4.0]])
     spec = {
-        "kind": "im2col",
-        "kernel": [2, 2],
-        "stride": [2, 2],
-        "padding": [0, 0],
-        "rows": 4,
-        "windows": 4,
-        "block": 4,
-        "slot_count": 32,
+        "kind": "gather",
+        "length": 4,
+        "slot_count": 16,
+        "ciphertexts": 2,
+        "period": 4,
+        "index": [[0, 1, -1, 3], [2, 2, 0, -1]],
     }
-    slots = encode_input(x, spec)
-    patches = im2col(x, (2, 2), (2, 2), (0, 0))
-    np.testing.assert_array_equal(slots[:16].reshape(4, 4), patches)
-    assert not slots[16:].any()
-
-
-def test_replicated_encoding_repeats_with_its_period() -> None:
-    x = np.array([1.0, 2.0, 3.0])
-    slots = encode_input(x, {"kind": "replicated", "length": 3, "period": 4, "slot_count": 16})
-    np.testing.assert_array_equal(slots, np.tile([1.0, 2.0, 3.0, 0.0], 4))
+    first, second = encode_input(x, spec)
+    np.testing.assert_array_equal(first, np.tile([1.0, 2.0, 0.0, 4.0], 4))
+    np.testing.assert_array_equal(second, np.tile([3.0, 3.0, 1.0, 0.0], 4))
+    with pytest.raises(ProtocolError, match="expects 4"):
+        encode_input(np.zeros(3), spec)
+    with pytest.raises(ProtocolError, match="index"):
+        encode_input(x, {**spec, "period": 8})
 
 
 def test_output_decoding_reads_the_prefix() -> None:
     np.testing.assert_array_equal(
-        decode_output(np.arange(8.0), {"kind": "prefix", "length": 3}), [0.0, 1.0, 2.0]
+        decode_output(np.arange(8.0), {"kind": "prefix", "length": 3, "period": 4}),
+        [0.0, 1.0, 2.0],
     )
 
 
