@@ -17,8 +17,10 @@ from he_service.protocol import (
     CONTEXT_HEADER,
     MEDIA_TYPE,
     ModelCard,
+    decode_batch,
     decode_frames,
     decode_output,
+    encode_batch,
     encode_frames,
     encode_input,
     preprocess,
@@ -183,24 +185,65 @@ class ModelSession:
         return self.predict_many(np.asarray(x)[None, ...])[0]
 
     def predict_many(self, xs: np.ndarray) -> np.ndarray:
-        """Return decrypted outputs for several samples, in requests of the allowed size."""
+        """Return decrypted outputs for any number of samples, one row per sample.
+
+        The latency plan sends up to the card's limit of samples per request, each as its own
+        ciphertexts; the batch plan packs one sample per slot, so thousands of samples share
+        each ciphertext, and splits the rows into full ciphertext groups.
+        """
         samples = np.asarray(xs)
-        results: list[np.ndarray] = []
+        if len(samples) == 0:
+            raise ValueError("predict_many needs at least one sample")
         timings: dict[str, float] = {}
-        for chunk in _chunks(samples, self.spec.max_samples_per_request):
-            start = time.perf_counter()
-            ciphertexts = [ct for x in chunk for ct in self.encrypt(x)]
-            _add(timings, "encrypt", time.perf_counter() - start)
-            start = time.perf_counter()
-            outputs, server = self._post(ciphertexts)
-            _add(timings, "request", time.perf_counter() - start)
-            for stage, seconds in server.items():
-                _add(timings, f"server_{stage}", seconds)
-            start = time.perf_counter()
-            results.extend(self.decrypt(ct) for ct in outputs)
-            _add(timings, "decrypt", time.perf_counter() - start)
+        if self.plan == "batch":
+            result = self._predict_batch(samples, timings)
+        else:
+            rows: list[np.ndarray] = []
+            for chunk in _chunks(samples, self.spec.max_samples_per_request):
+                start = time.perf_counter()
+                ciphertexts = [ct for x in chunk for ct in self.encrypt(x)]
+                _add(timings, "encrypt", time.perf_counter() - start)
+                outputs = self._timed_post(ciphertexts, timings)
+                start = time.perf_counter()
+                rows.extend(self.decrypt(ct) for ct in outputs)
+                _add(timings, "decrypt", time.perf_counter() - start)
+            result = np.stack(rows)
         self.last_timings = timings
-        return np.stack(results)
+        return result
+
+    def _predict_batch(self, samples: np.ndarray, timings: dict[str, float]) -> np.ndarray:
+        slots = self.spec.ckks.slot_count
+        outputs_per_group = int(self.spec.output_decoding["outputs"])
+        start = time.perf_counter()
+        groups = encode_batch(
+            np.stack(
+                [preprocess(x, self.card.preprocessing, self.card.input_shape) for x in samples]
+            ),
+            slots,
+        )
+        _add(timings, "encode", time.perf_counter() - start)
+        per_request = max(1, self.spec.max_samples_per_request // slots)
+        decrypted: list[np.ndarray] = []
+        for first in range(0, len(groups), per_request):
+            chunk = groups[first : first + per_request]
+            start = time.perf_counter()
+            ciphertexts = [self.keys.encrypt(row) for group in chunk for row in group]
+            _add(timings, "encrypt", time.perf_counter() - start)
+            outputs = self._timed_post(ciphertexts, timings)
+            start = time.perf_counter()
+            for g in range(len(chunk)):
+                block = outputs[g * outputs_per_group : (g + 1) * outputs_per_group]
+                decrypted.append(np.stack([self.keys.decrypt(ct) for ct in block]))
+            _add(timings, "decrypt", time.perf_counter() - start)
+        return decode_batch(decrypted, len(samples))
+
+    def _timed_post(self, ciphertexts: list[bytes], timings: dict[str, float]) -> list[bytes]:
+        start = time.perf_counter()
+        outputs, server = self._post(ciphertexts)
+        _add(timings, "request", time.perf_counter() - start)
+        for stage, seconds in server.items():
+            _add(timings, f"server_{stage}", seconds)
+        return outputs
 
     def _post(self, ciphertexts: list[bytes]) -> tuple[list[bytes], dict[str, float]]:
         try:

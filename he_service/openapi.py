@@ -87,6 +87,14 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "parameters": [
                         _NAME,
                         {
+                            "name": "plan",
+                            "in": "query",
+                            "required": False,
+                            "description": "latency: one sample per unit of the card's "
+                            "ciphertexts; batch: one sample per slot, one ciphertext per feature",
+                            "schema": {"type": "string", "enum": ["latency", "batch"]},
+                        },
+                        {
                             "name": "X-Context-Id",
                             "in": "header",
                             "required": True,

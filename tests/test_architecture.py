@@ -79,9 +79,11 @@ def test_public_apis_are_pinned() -> None:
             "ModelCard",
             "PlanCard",
             "ProtocolError",
+            "decode_batch",
             "decode_frames",
             "decode_key_bundle",
             "decode_output",
+            "encode_batch",
             "encode_frames",
             "encode_input",
             "encode_key_bundle",
@@ -95,6 +97,8 @@ def test_public_apis_are_pinned() -> None:
     assert sorted(he_service.engine.__all__) == sorted(
         [
             "AffineStep",
+            "BatchEvaluator",
+            "BatchPlan",
             "CompileError",
             "CubicStep",
             "EncryptedEvaluator",
@@ -107,6 +111,7 @@ def test_public_apis_are_pinned() -> None:
             "SquareStep",
             "Timings",
             "choose_params",
+            "compile_batch_plan",
             "compile_plan",
             "forward_plain",
         ]

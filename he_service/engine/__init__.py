@@ -1,5 +1,6 @@
 """Compile models into CKKS evaluation plans and run them on ciphertexts."""
 
+from he_service.engine.batch import BatchEvaluator, BatchPlan, compile_batch_plan
 from he_service.engine.compiler import CompileError, compile_plan
 from he_service.engine.evaluator import EncryptedEvaluator, EvaluationError, Timings
 from he_service.engine.params import ParameterError, choose_params
@@ -16,6 +17,8 @@ from he_service.engine.reference import forward_plain
 
 __all__ = [
     "AffineStep",
+    "BatchEvaluator",
+    "BatchPlan",
     "CompileError",
     "CubicStep",
     "EncryptedEvaluator",
@@ -28,6 +31,7 @@ __all__ = [
     "SquareStep",
     "Timings",
     "choose_params",
+    "compile_batch_plan",
     "compile_plan",
     "forward_plain",
 ]

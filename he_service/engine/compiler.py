@@ -216,12 +216,11 @@ def _input_magnitudes(affines: list[_Affine], steps: list[PolyStep]) -> list[flo
     return magnitudes
 
 
-def normalise(artifact: ModelArtifact, *, client_im2col: bool = False) -> list[_Affine | PolyStep]:
+def normalise(artifact: ModelArtifact) -> list[_Affine | PolyStep]:
     """Rewrite the network as alternating affine maps and depressed polynomial steps.
 
     Args:
         artifact: a checked model.
-        client_im2col: ignored; kept until the batch plan stops passing it.
 
     Returns:
         Affine maps (``matrix``, ``bias``) and polynomial steps, starting with an affine map.

@@ -1,5 +1,6 @@
 """Wire protocol shared by the server and the client SDK (numpy and tenseal only)."""
 
+from he_service.protocol.batch_encoding import decode_batch, encode_batch
 from he_service.protocol.card import CARD_VERSION, ModelCard, PlanCard
 from he_service.protocol.encoding import decode_output, encode_input, preprocess
 from he_service.protocol.errors import ProtocolError
@@ -17,9 +18,11 @@ __all__ = [
     "ModelCard",
     "PlanCard",
     "ProtocolError",
+    "decode_batch",
     "decode_frames",
     "decode_key_bundle",
     "decode_output",
+    "encode_batch",
     "encode_frames",
     "encode_input",
     "encode_key_bundle",
