@@ -8,7 +8,7 @@ previous bias, c2 and the constant into the next layer) so the pipeline stays th
 The tutorial's last prime leaves 5 bits above the scale, so the last layer is divided by 8 on
 the server and multiplied back after decryption (same operations, no overflow).
 
-Compare with ``test_latency.py::test_server_evaluation`` in the same run for the speed ratio.
+Its median is the reference of mnist-cnn's speed targets in ``test_latency.py`` (same run).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 import tenseal as ts
+from harness import BASELINE_MODEL, BASELINE_PLAN, Measurements
+from pytest_benchmark.fixture import BenchmarkFixture
 
 from he_service.artifacts import Conv2d, Linear, Poly, load_artifact
 from he_service.config import DEFAULT_MODELS_DIR
@@ -80,7 +82,9 @@ def _server(tutorial: dict[str, Any], enc_x: ts.CKKSVector, windows: int) -> ts.
     return enc.mm(tutorial["w2"].T.tolist()) + tutorial["b2"].tolist()
 
 
-def test_baseline_tenseal_tutorial_server_evaluation(benchmark, tutorial) -> None:  # type: ignore[no-untyped-def]
+def test_baseline_tenseal_tutorial_server_evaluation(
+    benchmark: BenchmarkFixture, tutorial: dict[str, Any], measurements: Measurements
+) -> None:
     from models.datasets import load_mnist_split
 
     artifact = tutorial["artifact"]
@@ -92,7 +96,17 @@ def test_baseline_tenseal_tutorial_server_evaluation(benchmark, tutorial) -> Non
     logits = np.array(out.decrypt()) * OUTPUT_DIVISOR
     expected = forward_plain(artifact, image)
     assert int(np.argmax(logits)) == int(np.argmax(expected))
-    benchmark.extra_info["public_context_bytes"] = tutorial["public_context_bytes"]
-    benchmark.extra_info["input_ciphertext_bytes"] = len(enc_x.serialize())
-    benchmark.extra_info["output_ciphertext_bytes"] = len(out.serialize())
-    benchmark.extra_info["max_abs_logit_error"] = float(np.abs(logits - expected).max())
+    measurements.record(
+        benchmark,
+        model=BASELINE_MODEL,
+        plan=BASELINE_PLAN,
+        stage="server",
+        public_context_bytes=tutorial["public_context_bytes"],
+        input_ciphertext_bytes=len(enc_x.serialize()),
+        output_ciphertext_bytes=len(out.serialize()),
+        # What the tutorial's client sends and receives: one CKKSVector each way.
+        request_bytes=len(enc_x.serialize()),
+        response_bytes=len(out.serialize()),
+        max_abs_logit_error=float(np.abs(logits - expected).max()),
+        error_samples=1,
+    )
