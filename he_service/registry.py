@@ -11,7 +11,7 @@ from typing import Any
 from he_service.artifacts import ArtifactError, ModelArtifact, load_artifact
 from he_service.engine import CompileError, ParameterError, compile_batch_plan, compile_plan
 from he_service.protocol import CkksParams, ModelCard
-from he_service.serving import BatchServing, LatencyServing, ServedPlan
+from he_service.serving import ServedPlan, serve_batch, serve_latency
 
 __all__ = ["LoadedModel", "ModelRegistry", "RegistryError"]
 
@@ -64,8 +64,8 @@ class ModelRegistry:
             try:
                 artifact = load_artifact(path)
                 plans: dict[str, ServedPlan] = {
-                    "latency": LatencyServing.build(compile_plan(artifact)),
-                    "batch": BatchServing.build(compile_batch_plan(artifact)),
+                    "latency": serve_latency(compile_plan(artifact)),
+                    "batch": serve_batch(compile_batch_plan(artifact)),
                 }
             except (ArtifactError, CompileError, ParameterError) as exc:
                 raise RegistryError(f"refusing to serve {path}: {exc}") from None

@@ -6,158 +6,94 @@ of up to ``slot_count`` samples, one ciphertext per input feature (batch plan).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import tenseal.sealapi as seal
 
 from he_service.engine import BatchEvaluator, BatchPlan, EncryptedEvaluator, Plan, Timings
 from he_service.protocol import CkksParams, PlanCard
 
-__all__ = ["BatchServing", "LatencyServing", "ServedPlan"]
+__all__ = ["ServedPlan", "serve_batch", "serve_latency"]
+
+Ciphertexts = list[seal.Ciphertext]
 
 
-class ServedPlan(Protocol):
-    """What the predict route needs from a plan."""
+@dataclass(frozen=True)
+class ServedPlan:
+    """What the predict route needs from a plan, whatever its kind."""
 
-    @property
-    def params(self) -> CkksParams: ...
-
-    @property
-    def galois_steps(self) -> tuple[int, ...]: ...
-
-    @property
-    def inputs_per_unit(self) -> int: ...
-
-    @property
-    def samples_per_unit(self) -> int: ...
-
-    @property
-    def context(self) -> seal.SEALContext: ...
-
-    def check(self, cts: list[seal.Ciphertext]) -> None:
-        """Raise EvaluationError (or a subclass of ValueError) for a bad unit."""
-
-    def evaluate(
-        self,
-        cts: list[seal.Ciphertext],
-        relin_keys: seal.RelinKeys,
-        galois_keys: seal.GaloisKeys | None,
-        timings: Timings,
-    ) -> list[seal.Ciphertext]:
-        """Evaluate one checked unit."""
-
-    def card(self, max_samples: int) -> PlanCard:
-        """Describe the plan to clients."""
+    params: CkksParams
+    galois_steps: tuple[int, ...]
+    inputs_per_unit: int
+    samples_per_unit: int
+    context: seal.SEALContext
+    check: Callable[[Ciphertexts], None]  # raises EvaluationError for a bad unit
+    evaluate: Callable[[Ciphertexts, seal.RelinKeys, seal.GaloisKeys | None, Timings], Ciphertexts]
+    card: Callable[[int], PlanCard]  # the plan's card for a per-request sample limit
 
 
-@dataclass
-class LatencyServing:
+def serve_latency(plan: Plan) -> ServedPlan:
     """One sample per unit: the plan's input ciphertexts in, one ciphertext out."""
-
-    plan: Plan
-    evaluator: EncryptedEvaluator
-
-    @classmethod
-    def build(cls, plan: Plan) -> LatencyServing:
-        return cls(plan, EncryptedEvaluator(plan))
-
-    @property
-    def params(self) -> CkksParams:
-        return self.plan.params
-
-    @property
-    def galois_steps(self) -> tuple[int, ...]:
-        return self.plan.galois_steps
-
-    @property
-    def inputs_per_unit(self) -> int:
-        return self.plan.input_ciphertexts
-
-    @property
-    def samples_per_unit(self) -> int:
-        return 1
-
-    @property
-    def context(self) -> seal.SEALContext:
-        return self.evaluator.context
-
-    def check(self, cts: list[seal.Ciphertext]) -> None:
-        self.evaluator.check_inputs(cts)
+    evaluator = EncryptedEvaluator(plan)
 
     def evaluate(
-        self,
-        cts: list[seal.Ciphertext],
-        relin_keys: seal.RelinKeys,
-        galois_keys: seal.GaloisKeys | None,
-        timings: Timings,
-    ) -> list[seal.Ciphertext]:
-        return [self.evaluator.evaluate(cts, relin_keys, galois_keys, timings)]
+        cts: Ciphertexts, relin: seal.RelinKeys, galois: seal.GaloisKeys | None, t: Timings
+    ) -> Ciphertexts:
+        return [evaluator.evaluate(cts, relin, galois, t)]
 
-    def card(self, max_samples: int) -> PlanCard:
+    def card(max_samples: int) -> PlanCard:
         return PlanCard(
-            ckks=self.plan.params,
-            galois_steps=self.plan.galois_steps,
-            input_encoding=self.plan.input_encoding,
-            output_decoding=self.plan.output_decoding,
+            ckks=plan.params,
+            galois_steps=plan.galois_steps,
+            input_encoding=plan.input_encoding,
+            output_decoding=plan.output_decoding,
             max_samples_per_request=max_samples,
-            details=self.plan.summary(),
+            details=plan.summary(),
         )
 
+    return ServedPlan(
+        plan.params,
+        plan.galois_steps,
+        plan.input_ciphertexts,
+        1,
+        evaluator.context,
+        evaluator.check_inputs,
+        evaluate,
+        card,
+    )
 
-@dataclass
-class BatchServing:
+
+def serve_batch(plan: BatchPlan) -> ServedPlan:
     """Up to ``slot_count`` samples per unit: one ciphertext per feature in, one per output out."""
-
-    plan: BatchPlan
-    evaluator: BatchEvaluator
-
-    @classmethod
-    def build(cls, plan: BatchPlan) -> BatchServing:
-        return cls(plan, BatchEvaluator(plan))
-
-    @property
-    def params(self) -> CkksParams:
-        return self.plan.params
-
-    @property
-    def galois_steps(self) -> tuple[int, ...]:
-        return ()
-
-    @property
-    def inputs_per_unit(self) -> int:
-        return self.plan.input_length
-
-    @property
-    def samples_per_unit(self) -> int:
-        return self.plan.slot_count
-
-    @property
-    def context(self) -> seal.SEALContext:
-        return self.evaluator.context
-
-    def check(self, cts: list[seal.Ciphertext]) -> None:
-        self.evaluator.check_inputs(cts)
+    evaluator = BatchEvaluator(plan)
 
     def evaluate(
-        self,
-        cts: list[seal.Ciphertext],
-        relin_keys: seal.RelinKeys,
-        galois_keys: seal.GaloisKeys | None,
-        timings: Timings,
-    ) -> list[seal.Ciphertext]:
-        return self.evaluator.evaluate(cts, relin_keys, timings)
+        cts: Ciphertexts, relin: seal.RelinKeys, galois: seal.GaloisKeys | None, t: Timings
+    ) -> Ciphertexts:
+        return evaluator.evaluate(cts, relin, t)  # no rotations: Galois keys are never used
 
-    def card(self, max_samples: int) -> PlanCard:
+    def card(max_samples: int) -> PlanCard:
         return PlanCard(
-            ckks=self.plan.params,
+            ckks=plan.params,
             galois_steps=(),
             input_encoding={
                 "kind": "batch",
-                "features": self.plan.input_length,
-                "slot_count": self.plan.slot_count,
+                "features": plan.input_length,
+                "slot_count": plan.slot_count,
             },
-            output_decoding={"kind": "batch", "outputs": self.plan.output_length},
+            output_decoding={"kind": "batch", "outputs": plan.output_length},
             max_samples_per_request=max_samples,
-            details=self.plan.summary(),
+            details=plan.summary(),
         )
+
+    return ServedPlan(
+        plan.params,
+        (),
+        plan.input_length,
+        plan.slot_count,
+        evaluator.context,
+        evaluator.check_inputs,
+        evaluate,
+        card,
+    )

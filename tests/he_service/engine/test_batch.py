@@ -15,11 +15,11 @@ from he_service.engine.batch import (
     BatchEvaluationError,
     BatchEvaluator,
     BatchPlan,
-    _raw_view,
-    _tiles_for,
     compile_batch_plan,
     raw_access_available,
 )
+from he_service.engine.batch.products import tiles_for
+from he_service.engine.batch.raw import raw_view
 from he_service.engine.compiler import CompileError
 from he_service.protocol import save_seal
 from he_service.protocol.batch_encoding import decode_batch, encode_batch
@@ -191,12 +191,12 @@ def test_too_deep_network_is_refused() -> None:
     ("prime_bits", "weight_bits"), [(60, 14), (45, 20), (30, 10), (38, 26), (40, 16)]
 )
 def test_products_are_exact_modular_arithmetic(prime_bits: int, weight_bits: int) -> None:
-    from he_service.engine.batch import (
-        _MAX_CHUNK_BITS,
-        _chunk_bits,
-        _combine,
-        _split_chunks,
-        _tile_products,
+    from he_service.engine.batch.products import (
+        MAX_CHUNK_BITS,
+        chunk_bits,
+        combine_chunks,
+        split_chunks,
+        tile_products,
     )
 
     rng = np.random.default_rng(prime_bits)
@@ -208,19 +208,19 @@ def test_products_are_exact_modular_arithmetic(prime_bits: int, weight_bits: int
     degree = 16
     coefficients = rng.integers(0, q, size=(40, 1, degree), dtype=np.uint64)
     coefficients[0] = q - 1
-    bits = _chunk_bits(weights)
-    assert bits <= _MAX_CHUNK_BITS
+    bits = chunk_bits(weights)
+    assert bits <= MAX_CHUNK_BITS
     count = -(-q.bit_length() // bits)
     chunks = np.empty((40, count, degree))
     for i in range(40):
-        _split_chunks(coefficients[i, 0], bits, count, chunks[i])
-    order, tiles = _tiles_for(weights)
+        split_chunks(coefficients[i, 0], bits, count, chunks[i])
+    order, tiles = tiles_for(weights)
     assert sorted(order.tolist()) == list(range(9)) and order[-1] == 7
     products = np.zeros((9, count * degree))
-    _tile_products(tiles, chunks.reshape(40, -1), products)
+    tile_products(tiles, chunks.reshape(40, -1), products)
     total, spare = np.empty((9, degree), dtype=np.int64), np.empty((9, degree), dtype=np.int64)
     row_sum_bits = float(np.log2(np.abs(weights).sum(axis=1).max()))
-    _combine(products, q, bits, count, row_sum_bits, total, spare)
+    combine_chunks(products, q, bits, count, row_sum_bits, total, spare)
     got = np.remainder(total, q)
     exact = [
         [
@@ -240,7 +240,7 @@ def test_sparse_conv_is_covered_by_band_tiles() -> None:
     plan = compile_batch_plan(artifact)
     first = plan.layers[0]
     assert isinstance(first, BatchAffine)
-    order, tiles = _tiles_for(first.weights)
+    order, tiles = tiles_for(first.weights)
     assert sorted(order.tolist()) == list(range(256))
     assert [(t.first, t.last) for t in tiles] == [(32 * k, 32 * k + 32) for k in range(8)]
     multiplies = sum(t.weights.size for t in tiles)
@@ -347,7 +347,7 @@ def test_check_inputs_refuses_what_does_not_fit(
 
     transparent = seal.Ciphertext()
     ev.negate(cts[0], transparent)
-    _raw_view(transparent)[1] = 0
+    raw_view(transparent)[1] = 0
     with pytest.raises(BatchEvaluationError, match="transparent"):
         evaluator.check_inputs([transparent, *cts[1:]])
 
