@@ -32,6 +32,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    import os
+    import tempfile
+
+    # Benchmark keys are thrown away: keep them off the user's durable key store.
+    os.environ["HE_SERVICE_KEY_STORE_DIR"] = tempfile.mkdtemp(prefix="he-bench-contexts-")
     models = shipped_models()
     unknown = sorted(set(_chosen(config)) - set(models))
     if unknown:

@@ -3,6 +3,7 @@
 from clients._client import HEClient, ModelSession
 from clients._crypto import KeySet
 from clients._errors import (
+    AuthenticationError,
     BadRequestError,
     ContextNotFoundError,
     HEClientError,
@@ -17,6 +18,7 @@ from clients._errors import (
 )
 
 __all__ = [
+    "AuthenticationError",
     "BadRequestError",
     "ContextNotFoundError",
     "HEClient",

@@ -33,13 +33,22 @@ class HEClient:
     """A connection to an encrypted-inference service.
 
     Use it as a context manager; ``transport`` lets tests run the app in-process
-    (``httpx.WSGITransport(app=create_app(...))``).
+    (``httpx.WSGITransport(app=create_app(...))``); ``token`` is the API token when the service
+    requires one (sent as ``Authorization: Bearer``).
     """
 
     def __init__(
-        self, base_url: str, *, timeout: float = 120.0, transport: httpx.BaseTransport | None = None
+        self,
+        base_url: str,
+        *,
+        timeout: float = 120.0,
+        transport: httpx.BaseTransport | None = None,
+        token: str | None = None,
     ) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=base_url, timeout=timeout, transport=transport, headers=headers
+        )
 
     def __enter__(self) -> HEClient:
         return self

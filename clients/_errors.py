@@ -63,8 +63,17 @@ class PayloadTooLargeError(HEClientError):
     """413: the body exceeds the service's limit."""
 
 
+class AuthenticationError(HEClientError):
+    """401: no token, or one the service does not know; pass ``token=`` to ``HEClient``."""
+
+
 class RateLimitedError(HEClientError):
-    """429: over quota; retry later."""
+    """429: over the request rate or the sample budget; ``retry_after`` says when to retry."""
+
+    @property
+    def retry_after(self) -> int | None:
+        value = self.details.get("retry_after")
+        return int(value) if isinstance(value, int | float) else None
 
 
 class ServiceUnavailableError(HEClientError):
@@ -82,6 +91,7 @@ _BY_CODE: dict[str, type[HEClientError]] = {
 }
 _BY_STATUS: dict[int, type[HEClientError]] = {
     400: BadRequestError,
+    401: AuthenticationError,
     404: NotFoundError,
     409: ParameterMismatchError,
     413: PayloadTooLargeError,

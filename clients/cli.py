@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,11 +89,14 @@ def _cmd_demo(_: HEClient | None, args: argparse.Namespace) -> int:
     """Start ``he-service serve`` on loopback, classify the shipped sample digits, stop it."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    # The demo's keys are thrown away, so its contexts go to a store that is deleted after.
+    store = tempfile.TemporaryDirectory(prefix="he-demo-")
     server = subprocess.Popen(
         [sys.executable, "-m", "he_service.cli", "serve", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "HE_SERVICE_KEY_STORE_DIR": store.name, "HE_SERVICE_API_TOKENS": ""},
     )
     try:
         with HEClient(url, timeout=args.timeout) as client:
@@ -136,6 +141,7 @@ def _cmd_demo(_: HEClient | None, args: argparse.Namespace) -> int:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+        store.cleanup()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,6 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="he-client", description=__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
     parser.add_argument("--timeout", type=float, default=300.0, help="HTTP timeout in seconds")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("HE_TOKEN"),
+        help="API token when the service requires one (default: $HE_TOKEN; prefer the "
+        "variable: a command line is visible to other users of the machine)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("models", help="list the served models")
     predict = commands.add_parser("predict", help="encrypt files, predict, decrypt")
@@ -156,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _cmd_demo(None, args)
-        with HEClient(args.url, timeout=args.timeout) as client:
+        with HEClient(args.url, timeout=args.timeout, token=args.token) as client:
             handler = {"models": _cmd_models, "predict": _cmd_predict}[args.command]
             return handler(client, args)
     except (HEClientError, ValueError, OSError) as exc:

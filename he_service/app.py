@@ -6,14 +6,16 @@ import logging
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import tenseal.sealapi as seal
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from he_service import __version__
+from he_service.auth import ANONYMOUS, TokenTable
 from he_service.config import Config
 from he_service.engine import EvaluationError, Timings
 from he_service.errors import (
@@ -26,8 +28,11 @@ from he_service.errors import (
     PayloadTooLarge,
     RouteNotFound,
     ServiceError,
+    TooManyRequests,
+    Unauthorized,
 )
 from he_service.keystore import KeyStore
+from he_service.observability import Metrics, init_app
 from he_service.openapi import openapi_document
 from he_service.protocol import (
     CONTEXT_HEADER,
@@ -38,6 +43,7 @@ from he_service.protocol import (
     load_seal,
     save_seal,
 )
+from he_service.quotas import Quotas
 from he_service.registry import LoadedModel, ModelRegistry
 
 __all__ = ["create_app"]
@@ -67,25 +73,63 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
             "batch": config.max_samples("batch"),
         },
     )
-    store = KeyStore(
-        max_bytes=config.key_store_max_bytes,
-        max_entries=config.key_store_max_entries,
-        ttl_seconds=config.key_store_ttl_seconds,
-        accepts=registry.accepts,
+    service = _Service(
+        config=config,
+        registry=registry,
+        store=KeyStore.from_config(config, accepts=registry.accepts),
+        tokens=TokenTable.parse(config.api_tokens),
+        quotas=Quotas.from_config(config, state_dir=config.key_store_dir.parent),
+        metrics=Metrics(),
     )
+    service.metrics.key_store_stats = service.store.stats
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max(
         config.max_context_bytes, config.max_predict_bytes, config.max_batch_bytes
     )
-    app.extensions["he_service"] = {"config": config, "registry": registry, "store": store}
+    app.extensions["he_service"] = service
+    init_app(app, service.metrics)
+    app.before_request(_authenticate)
     _register_routes(app)
     _register_errors(app)
     return app
 
 
+@dataclass(frozen=True)
+class _Service:
+    """Everything a request handler needs, built once per app."""
+
+    config: Config
+    registry: ModelRegistry
+    store: KeyStore
+    tokens: TokenTable
+    quotas: Quotas
+    metrics: Metrics
+
+
+def _service() -> _Service:
+    service: _Service = current_app.extensions["he_service"]
+    return service
+
+
 def _state() -> tuple[Config, ModelRegistry, KeyStore]:
-    state = current_app.extensions["he_service"]
-    return state["config"], state["registry"], state["store"]
+    service = _service()
+    return service.config, service.registry, service.store
+
+
+def _authenticate() -> None:
+    """Resolve the caller's token (every route but health) and charge one request to it."""
+    if request.path == "/v1/health":
+        g.principal_name = ANONYMOUS.name
+        return
+    service = _service()
+    principal = service.tokens.authenticate(request.headers.get("Authorization"))
+    g.principal_name = principal.name
+    if service.tokens.enabled:  # quotas are per token; the tokenless quick start has none
+        service.quotas.check_request(principal.name)
+
+
+def _owner() -> str:
+    return str(g.get("principal_name", ANONYMOUS.name))
 
 
 def _read_body(limit: int, what: str) -> bytes:
@@ -112,7 +156,7 @@ def _model(name: str) -> LoadedModel:
 def _context_id(value: str | None) -> str:
     if not value:
         raise BadRequest(f"missing {CONTEXT_HEADER} header; upload keys with POST /v1/contexts")
-    if not _CONTEXT_ID.match(value):
+    if not _CONTEXT_ID.fullmatch(value):
         raise BadRequest("a context id is 64 lowercase hex characters (sha256 of the upload)")
     return value
 
@@ -138,20 +182,20 @@ def _register_routes(app: Flask) -> None:
     def upload_context() -> tuple[Response, int]:
         config, _, store = _state()
         data = _read_body(config.max_context_bytes, "context")
-        stored, created = store.put(data)
+        stored, created = store.put(_owner(), data)
         expires = datetime.fromtimestamp(stored.expires_at, UTC).isoformat()
         return jsonify(context_id=stored.context_id, expires_at=expires), 201 if created else 200
 
     @app.route("/v1/contexts/<context_id>", methods=["HEAD"])
     def has_context(context_id: str) -> Response:
         _, _, store = _state()
-        found = store.get(_context_id(context_id)) is not None
+        found = store.exists(_owner(), _context_id(context_id))
         return Response(status=200 if found else 404)
 
     @app.delete("/v1/contexts/<context_id>")
     def delete_context(context_id: str) -> Response:
         _, _, store = _state()
-        if not store.delete(_context_id(context_id)):
+        if not store.delete(_owner(), _context_id(context_id)):
             raise ContextNotFound(context_id)
         return Response(status=204)
 
@@ -166,7 +210,7 @@ def _register_routes(app: Flask) -> None:
         max_samples = config.max_samples(kind)
         context_id = _context_id(request.headers.get(CONTEXT_HEADER))
         data = _read_body(config.max_body_bytes(kind), "request body")
-        stored = store.get(context_id)
+        stored = store.get(_owner(), context_id)
         if stored is None:
             raise ContextNotFound(context_id)
         if stored.params != plan.params:
@@ -220,11 +264,15 @@ def _register_routes(app: Flask) -> None:
                 raise BadRequest(str(exc)) from None
             units.append(unit)
         timings.add("deserialize", time.perf_counter() - start)
+        if _service().tokens.enabled:
+            _service().quotas.charge_samples(_owner(), len(units) * plan.samples_per_unit)
+        start = time.perf_counter()
         outputs = [
             ct
             for unit in units
             for ct in plan.evaluate(unit, stored.relin_keys, stored.galois_keys, timings)
         ]
+        _service().metrics.observe_evaluation(name, kind, time.perf_counter() - start)
         start = time.perf_counter()
         body = encode_frames([save_seal(ct) for ct in outputs])
         timings.add("serialize", time.perf_counter() - start)
@@ -242,7 +290,12 @@ def _register_routes(app: Flask) -> None:
 def _register_errors(app: Flask) -> None:
     @app.errorhandler(ServiceError)
     def service_error(error: ServiceError) -> tuple[Response, int]:
-        return jsonify(error.to_json()), error.status
+        response = jsonify(error.to_json())
+        if isinstance(error, TooManyRequests):
+            response.headers["Retry-After"] = str(error.retry_after)
+        if isinstance(error, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="he-service"'  # RFC 6750
+        return response, error.status
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> tuple[Response, int]:
@@ -259,7 +312,11 @@ def _register_errors(app: Flask) -> None:
         else:
             mapped = BadRequest(error.description or "bad request")
             return jsonify(mapped.to_json()), error.code or 400
-        return jsonify(mapped.to_json()), mapped.status
+        response = jsonify(mapped.to_json())
+        allowed = getattr(error, "valid_methods", None)
+        if allowed:  # RFC 9110: a 405 lists the methods the route supports
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+        return response, mapped.status
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> tuple[Response, int]:

@@ -12,6 +12,10 @@ from typing import Any
 __all__ = ["DEFAULT_MODELS_DIR", "Config"]
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models" / "artifacts"
+# Uploaded contexts survive restarts and are shared by the workers of one host.
+DEFAULT_KEY_STORE_DIR = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "he-service" / "contexts"
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,20 @@ class Config:
     key_store_max_bytes: int = 4 << 30
     key_store_max_entries: int = 64
     key_store_ttl_seconds: int = 3600
+    key_store_dir: Path = DEFAULT_KEY_STORE_DIR
+    # redis://host:port/db: contexts (and quota counters) in Redis instead of key_store_dir.
+    redis_url: str = ""
+    # Deserialized contexts each worker keeps in memory, so a hot context is parsed once.
+    key_cache_entries: int = 8
+    # API tokens, off when empty: comma-separated ``name:sha256-hex-of-token`` (see
+    # ``he-service hash-token``). With tokens, every route but health needs one, and a context
+    # is visible only to the token that uploaded it.
+    api_tokens: str = ""
+    # Per token: requests per minute, and samples evaluated per budget period (an unlimited
+    # query budget lets a client reconstruct the model: model extraction).
+    rate_limit_per_minute: int = 600
+    sample_budget: int = 1_000_000
+    sample_budget_seconds: int = 86400
 
     def max_samples(self, plan: str) -> int:
         """Return the most samples one predict request of this plan may carry."""
@@ -59,12 +77,13 @@ class Config:
             raise ValueError(f"unknown configuration keys: {unknown}")
         values.update(overrides or {})
         converted: dict[str, Any] = {}
+        kinds = {"Path": Path, "str": str, "int": int}
         for name, value in values.items():
-            kind = Path if name == "models_dir" else int
+            kind = kinds[str(fields[name].type)]
             try:
                 converted[name] = kind(value)
             except (TypeError, ValueError):
-                expected = "a path" if kind is Path else "an integer"
+                expected = {Path: "a path", str: "a string", int: "an integer"}[kind]
                 raise ValueError(f"configuration {name}={value!r} is not {expected}") from None
             if kind is int and converted[name] <= 0:
                 raise ValueError(f"configuration {name} must be positive, got {value!r}")

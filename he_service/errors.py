@@ -20,6 +20,7 @@ __all__ = [
     "RouteNotFound",
     "ServiceError",
     "TooManyRequests",
+    "Unauthorized",
 ]
 
 
@@ -40,6 +41,12 @@ class ServiceError(Exception):
 
 class BadRequest(ServiceError):
     status, code = 400, "bad_request"
+
+
+class Unauthorized(ServiceError):
+    """No token, or a token the service does not know (the same answer for both)."""
+
+    status, code = 401, "unauthorized"
 
 
 class RouteNotFound(ServiceError):
@@ -79,7 +86,13 @@ class PayloadTooLarge(ServiceError):
 
 
 class TooManyRequests(ServiceError):
+    """Over a rate limit or a sample budget; ``retry_after`` seconds go in ``Retry-After``."""
+
     status, code = 429, "too_many_requests"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
 
 
 class NotReady(ServiceError):

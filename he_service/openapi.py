@@ -29,6 +29,21 @@ def _ok(description: str, content: dict[str, Any] | None = None) -> dict[str, An
 
 def openapi_document(version: str) -> dict[str, Any]:
     """Return the OpenAPI document of the v1 routes."""
+    document = _routes(version)
+    # With API tokens on, every route but health needs one, and each counts against a rate.
+    for path, operations in document["paths"].items():
+        if path == "/v1/health":
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"bearer": []}, {}]
+            operation["responses"].update({"400": _ERROR, "401": _ERROR, "429": _ERROR})
+    document["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "API token"}
+    }
+    return document
+
+
+def _routes(version: str) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {
@@ -112,6 +127,14 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "404": _ERROR,
                         "409": _ERROR,
                         "413": _ERROR,
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (text exposition format)",
+                    "responses": {
+                        "200": _ok("metrics", {"text/plain": {"schema": {"type": "string"}}})
                     },
                 }
             },

@@ -18,6 +18,16 @@ from he_service.config import DEFAULT_MODELS_DIR
 MNIST_DIR = DEFAULT_MODELS_DIR / "mnist-cnn"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep every app and served process of the run off the user's durable key store."""
+    import os
+    import tempfile
+
+    os.environ["HE_SERVICE_KEY_STORE_DIR"] = tempfile.mkdtemp(prefix="he-test-contexts-")
+    os.environ.pop("HE_SERVICE_API_TOKENS", None)
+    os.environ.pop("HE_SERVICE_REDIS_URL", None)
+
+
 @pytest.fixture(scope="session")
 def mnist_artifact() -> ModelArtifact:
     return load_artifact(MNIST_DIR)

@@ -53,6 +53,7 @@ def test_server_app_really_loads_without_torch() -> None:
 def test_public_apis_are_pinned() -> None:
     assert sorted(clients.__all__) == sorted(
         [
+            "AuthenticationError",
             "BadRequestError",
             "ContextNotFoundError",
             "HEClient",

@@ -157,6 +157,8 @@ class EncryptedEvaluator:
                 )
             if ct.size() != 2:
                 raise EvaluationError(f"ciphertext has {ct.size()} polynomials; a fresh one has 2")
+            if not ct.is_ntt_form():
+                raise EvaluationError("ciphertext is not in NTT form; encrypt it with CKKS")
             if list(ct.parms_id()) != list(self.input_parms_id):
                 raise EvaluationError(
                     f"ciphertext is at the wrong level ({ct.coeff_modulus_size()} primes); "

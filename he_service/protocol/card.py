@@ -109,5 +109,5 @@ class ModelCard:
                 plans={kind: PlanCard.from_json(p) for kind, p in dict(doc["plans"]).items()},
                 details=dict(doc.get("details", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"model card lacks or mangles field {exc}") from None

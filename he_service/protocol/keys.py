@@ -67,13 +67,14 @@ def decode_key_bundle(data: bytes, *, allow_secret_key: bool = False) -> KeyBund
         raise ProtocolError("key bundle header is too large")
     try:
         header = json.loads(frames[0])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, 5000-digit ints, deep nesting
         raise ProtocolError("key bundle header is not JSON") from None
     if not isinstance(header, dict) or header.get("format") != KEYS_FORMAT:
         raise ProtocolError(f"not a key bundle (expected format {KEYS_FORMAT!r})")
     names = header.get("sections")
     if (
         not isinstance(names, list)
+        or not all(isinstance(n, str) for n in names)
         or len(names) != len(frames) - 1
         or len(set(names)) != len(names)
     ):

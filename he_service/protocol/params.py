@@ -69,12 +69,12 @@ class CkksParams:
             raise ProtocolError(
                 "CKKS parameters need poly_modulus_degree, coeff_modulus_bits, scale_bits"
             ) from None
-        if degree not in MAX_COEFF_BITS_128:
+        if type(degree) is not int or degree not in MAX_COEFF_BITS_128:
             raise ProtocolError(f"poly_modulus_degree {degree!r} is not a supported ring degree")
         if not (
             isinstance(bits, list)
             and 2 <= len(bits) <= 64
-            and all(isinstance(b, int) and 17 <= b <= 60 for b in bits)
+            and all(type(b) is int and 17 <= b <= 60 for b in bits)
         ):
             raise ProtocolError("coeff_modulus_bits must be 2-64 prime sizes of 17-60 bits")
         if sum(bits) > MAX_COEFF_BITS_128[degree]:
@@ -82,7 +82,7 @@ class CkksParams:
                 f"coeff_modulus_bits sum to {sum(bits)} bits; N={degree} allows "
                 f"{MAX_COEFF_BITS_128[degree]} at 128-bit security"
             )
-        if not (isinstance(scale_bits, int) and 10 <= scale_bits <= 60):
+        if not (type(scale_bits) is int and 10 <= scale_bits <= 60):
             raise ProtocolError("scale_bits must be an integer in [10, 60]")
         return cls(degree, tuple(bits), scale_bits)
 

@@ -58,6 +58,7 @@ def test_openapi_lists_every_route(app: Flask) -> None:
         "/v1/contexts/{context_id}",
         "/v1/models/{name}/predict",
         "/v1/openapi.json",
+        "/metrics",
     }
 
 
