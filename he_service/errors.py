@@ -57,7 +57,8 @@ class ModelNotFound(ServiceError):
     status, code = 404, "model_not_found"
 
     def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"no model named {name!r}; served models: {', '.join(known) or 'none'}")
+        shown = name if len(name) <= 80 else name[:80] + "…"  # never echo a huge path back
+        super().__init__(f"no model named {shown!r}; served models: {', '.join(known) or 'none'}")
 
 
 class ContextNotFound(ServiceError):

@@ -18,6 +18,32 @@ _CONTEXT = {
 }
 _BINARY = {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}
 _JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+_CONTEXT_STORED = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["context_id", "expires_at"],
+            "properties": {
+                "context_id": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "expires_at": {"type": "string", "format": "date-time"},
+            },
+        }
+    }
+}
+_HEALTH = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["status", "version", "models", "contexts"],
+            "properties": {
+                "status": {"type": "string", "enum": ["ok"]},
+                "version": {"type": "string"},
+                "models": {"type": "array", "items": {"type": "string"}},
+                "contexts": {"type": "integer", "minimum": 0},
+            },
+        }
+    }
+}
 
 
 def _ok(description: str, content: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -55,7 +81,7 @@ def _routes(version: str) -> dict[str, Any]:
             "/v1/health": {
                 "get": {
                     "summary": "Status, version, loaded models",
-                    "responses": {"200": _ok("healthy", _JSON_OBJECT)},
+                    "responses": {"200": _ok("healthy", _HEALTH)},
                 }
             },
             "/v1/models": {
@@ -76,8 +102,8 @@ def _routes(version: str) -> dict[str, Any]:
                     "summary": "Upload public evaluation keys (never a secret key)",
                     "requestBody": {"required": True, "content": _BINARY},
                     "responses": {
-                        "200": _ok("already stored", _JSON_OBJECT),
-                        "201": _ok("stored", _JSON_OBJECT),
+                        "200": _ok("already stored", _CONTEXT_STORED),
+                        "201": _ok("stored", _CONTEXT_STORED),
                         "400": _ERROR,
                         "409": _ERROR,
                         "413": _ERROR,

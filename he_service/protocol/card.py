@@ -94,6 +94,8 @@ class ModelCard:
         Raises:
             ProtocolError: the card is of another version or lacks a field.
         """
+        if not isinstance(doc, Mapping):
+            raise ProtocolError("a model card is a JSON object")
         if doc.get("card_version") != CARD_VERSION:
             raise ProtocolError(
                 f"model card version {doc.get('card_version')!r} is not {CARD_VERSION}; "
