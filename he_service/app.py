@@ -74,12 +74,18 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
             "batch": config.max_samples("batch"),
         },
     )
+    tokens = TokenTable.parse(config.api_tokens)
     service = _Service(
         config=config,
         registry=registry,
         store=KeyStore.from_config(config, accepts=registry.accepts),
-        tokens=TokenTable.parse(config.api_tokens),
-        quotas=Quotas.from_config(config, state_dir=config.key_store_dir.parent),
+        tokens=tokens,
+        # Quotas are per token: the tokenless quick start has no principal to charge.
+        quotas=(
+            Quotas.from_config(config, state_dir=config.key_store_dir.parent)
+            if tokens.enabled
+            else None
+        ),
         metrics=Metrics(),
     )
     service.metrics.key_store_stats = service.store.stats
@@ -103,18 +109,13 @@ class _Service:
     registry: ModelRegistry
     store: KeyStore
     tokens: TokenTable
-    quotas: Quotas
+    quotas: Quotas | None  # None when API tokens are off
     metrics: Metrics
 
 
 def _service() -> _Service:
     service: _Service = current_app.extensions["he_service"]
     return service
-
-
-def _state() -> tuple[Config, ModelRegistry, KeyStore]:
-    service = _service()
-    return service.config, service.registry, service.store
 
 
 def _authenticate() -> None:
@@ -125,7 +126,7 @@ def _authenticate() -> None:
     service = _service()
     principal = service.tokens.authenticate(request.headers.get("Authorization"))
     g.principal_name = principal.name
-    if service.tokens.enabled:  # quotas are per token; the tokenless quick start has none
+    if service.quotas is not None:
         service.quotas.check_request(principal.name)
 
 
@@ -159,7 +160,7 @@ def _read_body(limit: int, what: str) -> bytes:
 
 
 def _model(name: str) -> LoadedModel:
-    _, registry, _ = _state()
+    registry = _service().registry
     model = registry.get(name)
     if model is None:
         raise ModelNotFound(name, registry.names())
@@ -177,14 +178,14 @@ def _context_id(value: str | None) -> str:
 def _register_routes(app: Flask) -> None:
     @app.get("/v1/health")
     def health() -> Response:
-        _, registry, store = _state()
+        registry, store = _service().registry, _service().store
         return jsonify(
             status="ok", version=__version__, models=registry.names(), contexts=len(store)
         )
 
     @app.get("/v1/models")
     def list_models() -> Response:
-        _, registry, _ = _state()
+        registry = _service().registry
         return jsonify(models=[m.summary() for m in registry])
 
     @app.get("/v1/models/<name>")
@@ -193,7 +194,7 @@ def _register_routes(app: Flask) -> None:
 
     @app.post("/v1/contexts")
     def upload_context() -> tuple[Response, int]:
-        config, _, store = _state()
+        config, store = _service().config, _service().store
         data = _read_body(config.max_context_bytes, "context")
         stored, created = store.put(_owner(), data)
         expires = datetime.fromtimestamp(stored.expires_at, UTC).isoformat()
@@ -201,20 +202,20 @@ def _register_routes(app: Flask) -> None:
 
     @app.route("/v1/contexts/<context_id>", methods=["HEAD"])
     def has_context(context_id: str) -> Response:
-        _, _, store = _state()
+        store = _service().store
         found = store.exists(_owner(), _context_id(context_id))
         return Response(status=200 if found else 404)
 
     @app.delete("/v1/contexts/<context_id>")
     def delete_context(context_id: str) -> Response:
-        _, _, store = _state()
+        store = _service().store
         if not store.delete(_owner(), _context_id(context_id)):
             raise ContextNotFound(context_id)
         return Response(status=204)
 
     @app.post("/v1/models/<name>/predict")
     def predict(name: str) -> Response:
-        config, _, store = _state()
+        config, store = _service().config, _service().store
         model = _model(name)
         kind = request.args.get("plan", "latency")
         plan = model.plans.get(kind)
@@ -277,8 +278,9 @@ def _register_routes(app: Flask) -> None:
                 raise BadRequest(str(exc)) from None
             units.append(unit)
         timings.add("deserialize", time.perf_counter() - start)
-        if _service().tokens.enabled:
-            _service().quotas.charge_samples(_owner(), len(units) * plan.samples_per_unit)
+        quotas = _service().quotas
+        if quotas is not None:
+            quotas.charge_samples(_owner(), len(units) * plan.samples_per_unit)
         start = time.perf_counter()
         outputs = [
             ct
@@ -320,7 +322,7 @@ def _register_errors(app: Flask) -> None:
         elif error.code == 405:
             mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
         elif error.code == 413:
-            config, _, _ = _state()
+            config = _service().config
             mapped = PayloadTooLarge("request body", config.max_context_bytes)
         else:
             mapped = BadRequest(error.description or "bad request")

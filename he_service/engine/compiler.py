@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from he_service.artifacts import Conv2d, Flatten, Linear, ModelArtifact, Poly
-from he_service.engine.layouts import Layout, affine_options, input_step
+from he_service.engine.layouts import Layout, affine_options, input_step, next_pow2
 from he_service.engine.params import choose_params
 from he_service.engine.plan import (
     AffineStep,
@@ -64,7 +64,7 @@ def compile_plan(artifact: ModelArtifact) -> Plan:
     """
     ops = normalise(artifact)
     activations = [op for op in ops if not isinstance(op, _Affine)]
-    widths = [_next_pow2(max(op.matrix.shape)) for op in ops if isinstance(op, _Affine)]
+    widths = [next_pow2(max(op.matrix.shape)) for op in ops if isinstance(op, _Affine)]
     chain = choose_params(activations, max(widths))
     ops = _balance(ops, chain.params.scale_bits, chain.weight_bits, chain.last_weight_bits)
     affines = [op for op in ops if isinstance(op, _Affine)]
@@ -331,7 +331,3 @@ def _affine_of(layer: Conv2d | Linear, in_shape: tuple[int, ...]) -> _Affine:
         conv2d(np.eye(1, size, j).reshape(in_shape), layer).reshape(-1) - zero for j in range(size)
     ]
     return _Affine(np.stack(columns, axis=1), zero)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())

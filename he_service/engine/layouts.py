@@ -33,7 +33,7 @@ import numpy as np
 
 from he_service.engine.plan import AffineStep, InputStep
 
-__all__ = ["Layout", "affine_options", "input_step"]
+__all__ = ["Layout", "affine_options", "input_step", "next_pow2"]
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,10 @@ def input_step(matrix: np.ndarray, bias: np.ndarray, slots: int) -> InputPlan:
     to fill the ciphertext, so the folds are cyclic and the result clean.
     """
     m = matrix.shape[0]
-    block = _next_pow2(m)
+    block = next_pow2(m)
     supports = [np.flatnonzero(row) for row in matrix]
     terms = max(1, max(s.size for s in supports))
-    per_ct = min(_next_pow2(terms), slots // block)
+    per_ct = min(next_pow2(terms), slots // block)
     count = -(-terms // per_ct)
     period = block * per_ct
     index = np.full((count, period), -1)
@@ -108,7 +108,7 @@ def affine_options(
         if last:
             out = Layout(slots, np.arange(m), clean=True)
         else:
-            out = Layout(max(_next_pow2(m), 1), np.arange(m), clean=True)
+            out = Layout(max(next_pow2(m), 1), np.arange(m), clean=True)
         options.append((_hybrid(matrix, bias, inp, out, slots), out))
         if not last:
             width = 1
@@ -116,7 +116,7 @@ def affine_options(
                 if width > 1:
                     options.append(_window(matrix, bias, inp, width, slots))
                 width *= 2
-    period = _next_pow2(m)
+    period = next_pow2(m)
     while period <= slots:
         if np.all(inp.position % period == 0):
             options.append(_gather(matrix, bias, inp, period, slots))
@@ -228,5 +228,5 @@ def _bsgs(
     return AffineStep(stride, baby_count, terms, bias, folds, description)
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())

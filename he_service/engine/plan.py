@@ -213,14 +213,13 @@ class Plan:
         return value
 
     def summary(self) -> dict[str, Any]:
-        relins = sum(s.primes for s in self.steps if not isinstance(s, InputStep | AffineStep))
         return {
             "depth": self.depth,
             "input_ciphertexts": self.input_ciphertexts,
             "rotations": self.rotation_count(),
             "galois_keys": len(self.galois_steps),
             # Every activation prime is one ciphertext product, hence one relinearization.
-            "relinearizations": relins,
+            "relinearizations": self.depth,
             "steps": [s.description for s in self.steps],
             "parameters": self.params_reason,
         }
