@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.cli import _free_port
+from tests.load_client import process_tree
 
 pytestmark = [
     pytest.mark.slow,
@@ -95,19 +96,8 @@ def gunicorn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
 
 
 def _children(pid: int) -> set[int]:
-    children = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name (field 2) is in parentheses and may hold spaces.
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == pid:
-            children.add(int(entry.name))
-    return children
+    """Return the worker processes of the server (gunicorn's workers have no children)."""
+    return set(process_tree(pid)) - {pid}
 
 
 def _health_burst(url: str, count: int) -> None:
