@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from he_service.artifacts import ArtifactError, ModelArtifact, load_artifact
-from he_service.engine import CompileError, ParameterError, compile_batch_plan, compile_plan
+from he_service.engine import CompileError, ParameterError, compile_model
 from he_service.protocol import CkksParams, ModelCard
 from he_service.serving import ServedPlan, serve_batch, serve_latency
 
@@ -63,9 +63,10 @@ class ModelRegistry:
         for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             try:
                 artifact = load_artifact(path)
+                compiled = compile_model(artifact)
                 plans: dict[str, ServedPlan] = {
-                    "latency": serve_latency(compile_plan(artifact)),
-                    "batch": serve_batch(compile_batch_plan(artifact)),
+                    "latency": serve_latency(compiled.latency),
+                    "batch": serve_batch(compiled.batch),
                 }
             except (ArtifactError, CompileError, ParameterError) as exc:
                 raise RegistryError(f"refusing to serve {path}: {exc}") from None

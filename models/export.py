@@ -26,7 +26,7 @@ import numpy as np
 from torch import nn
 
 from he_service.artifacts import FORMAT, FORMAT_VERSION, ArtifactError, load_artifact
-from he_service.engine import CompileError, ParameterError, compile_plan
+from he_service.engine import CompileError, ParameterError, compile_model
 
 __all__ = [
     "FORMAT",
@@ -148,7 +148,7 @@ def _self_check(artifact_dir: Path, arrays: Mapping[str, np.ndarray]) -> None:
     except ArtifactError as exc:
         raise ExportError(f"the server would refuse this artifact: {exc}") from exc
     try:
-        compile_plan(artifact)
+        compile_model(artifact)
     except ParameterError as exc:
         raise ExportError(f"the engine cannot run this network: {exc}") from exc
     except CompileError as exc:
@@ -164,7 +164,7 @@ def export_artifact(
     """Write ``<out_dir>/<name>/{manifest.json,weights.npz}``, replacing any previous version.
 
     Files are written and checked in a temporary directory inside ``out_dir`` (read back, then
-    ``he_service.artifacts.load_artifact`` and ``he_service.engine.compile_plan``, exactly what
+    ``he_service.artifacts.load_artifact`` and ``he_service.engine.compile_model``, exactly what
     the server runs) and then renamed into place, so a failure leaves either the old artifact
     or none, never a partial one. (Replacing an existing directory takes two renames; a reader
     in between sees no artifact, not a broken one.)

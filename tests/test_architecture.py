@@ -101,7 +101,9 @@ def test_public_apis_are_pinned() -> None:
             "BatchEvaluator",
             "BatchPlan",
             "CompileError",
+            "CompiledModel",
             "CubicStep",
+            "DEFAULT_KEY_BUDGET_BYTES",
             "EncryptedEvaluator",
             "EvaluationError",
             "InputStep",
@@ -113,6 +115,7 @@ def test_public_apis_are_pinned() -> None:
             "Timings",
             "choose_params",
             "compile_batch_plan",
+            "compile_model",
             "compile_plan",
             "forward_plain",
         ]

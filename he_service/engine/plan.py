@@ -212,8 +212,23 @@ class Plan:
             value = step.simulate(value)
         return value
 
+    @property
+    def output_primes(self) -> int:
+        """Return the primes left in the response ciphertext."""
+        return self.params.data_primes - self.depth
+
+    def costs(self) -> dict[str, int]:
+        """Return what one sample costs in bytes: public keys, request and response bodies."""
+        return {
+            "public_key_bytes": self.params.public_context_bytes(len(self.galois_steps)),
+            "request_bytes_per_sample": self.input_ciphertexts
+            * self.params.ciphertext_bytes(seeded=True),
+            "response_bytes_per_sample": self.params.ciphertext_bytes(self.output_primes),
+        }
+
     def summary(self) -> dict[str, Any]:
         return {
+            **self.costs(),
             "depth": self.depth,
             "input_ciphertexts": self.input_ciphertexts,
             "rotations": self.rotation_count(),

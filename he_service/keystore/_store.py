@@ -57,8 +57,7 @@ def loaded_key_bytes(params: CkksParams, key_count: int) -> int:
 
     Each key holds one 2-polynomial ciphertext per data prime, over all primes.
     """
-    primes = len(params.coeff_modulus_bits)
-    return key_count * (primes - 1) * 2 * params.poly_modulus_degree * primes * 8
+    return key_count * params.key_switch_key_bytes(seeded=False)
 
 
 class KeyStore:

@@ -19,6 +19,9 @@ __all__ = [
     "seal_context",
 ]
 
+# SEAL's object headers and parms ids, and the key bundle's JSON header and framing.
+_SEAL_OVERHEAD_BYTES = 256
+_BUNDLE_OVERHEAD_BYTES = 4096
 # Largest total coefficient-modulus size per ring degree at 128-bit classical security
 # (HomomorphicEncryption.org standard, the table SEAL enforces with sec_level_type.tc128).
 MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -44,6 +47,35 @@ class CkksParams:
     def depth(self) -> int:
         """Return how many rescales a fresh ciphertext can take."""
         return len(self.coeff_modulus_bits) - 2
+
+    @property
+    def data_primes(self) -> int:
+        """Return the primes a fresh ciphertext carries (all but the special prime)."""
+        return len(self.coeff_modulus_bits) - 1
+
+    def ciphertext_bytes(self, primes: int | None = None, *, seeded: bool = False) -> int:
+        """Return the serialized size bound of a 2-polynomial ciphertext with ``primes`` limbs.
+
+        A seeded ciphertext (fresh, symmetric encryption) stores one polynomial and a seed.
+        SEAL's zstd saves a few percent on top; this is the uncompressed bound plus headers.
+        """
+        limbs = self.data_primes if primes is None else primes
+        polys = 1 if seeded else 2
+        return polys * limbs * self.poly_modulus_degree * 8 + _SEAL_OVERHEAD_BYTES
+
+    def key_switch_key_bytes(self, *, seeded: bool = True) -> int:
+        """Return the serialized size bound of one Galois key or the relinearization keys.
+
+        A key-switching key holds one ciphertext over all primes (special included) per data
+        prime: ``(L - 1) * L * N`` words seeded, twice that loaded, with ``L`` all primes.
+        """
+        primes = len(self.coeff_modulus_bits)
+        polys = 1 if seeded else 2
+        return polys * (primes - 1) * primes * self.poly_modulus_degree * 8 + _SEAL_OVERHEAD_BYTES
+
+    def public_context_bytes(self, galois_keys: int) -> int:
+        """Return the size bound of a public context: relinearization plus Galois keys."""
+        return (galois_keys + 1) * self.key_switch_key_bytes() + _BUNDLE_OVERHEAD_BYTES
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -43,7 +43,7 @@ def redis_url() -> Iterator[str]:
     """A real, throwaway redis-server on a free port, without persistence."""
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.skip("redis-server is not on PATH; install Redis to test RedisCounters")
+        pytest.fail("redis-server is not on PATH: install it as the README's test command does")
     import redis
 
     port = _free_port()

@@ -123,6 +123,17 @@ class BatchPlan:
                 value = step.simulate(value)
         return value
 
+    def costs(self) -> dict[str, int]:
+        """Return what one full group of samples costs in bytes: keys, request, response."""
+        output_primes = self.params.data_primes - self.depth
+        return {
+            "public_key_bytes": self.params.public_context_bytes(0),
+            "request_bytes_per_group": self.input_length
+            * self.params.ciphertext_bytes(seeded=True),
+            "response_bytes_per_group": self.output_length
+            * self.params.ciphertext_bytes(output_primes),
+        }
+
     def summary(self) -> dict[str, Any]:
         """Return operation counts for one full group of samples, and the parameters."""
         width = self.input_length
@@ -141,6 +152,7 @@ class BatchPlan:
             scalar += width * lower
             size = 3
         return {
+            **self.costs(),
             "mode": "batch",
             "samples_per_request": self.slot_count,
             "input_ciphertexts": self.input_length,

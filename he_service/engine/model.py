@@ -1,0 +1,60 @@
+"""What makes a model servable: one compile of both plans, used by export and the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from he_service.artifacts import ModelArtifact
+from he_service.engine.batch import BatchPlan, compile_batch_plan
+from he_service.engine.compiler import CompileError, compile_plan
+from he_service.engine.plan import Plan
+
+__all__ = ["DEFAULT_KEY_BUDGET_BYTES", "CompiledModel", "compile_model", "key_budget_of"]
+
+# Public evaluation keys a client makes and uploads for one plan, unless the artifact sets its
+# own budget (``he-models convert --key-budget``); below the service's 128 MiB upload limit.
+DEFAULT_KEY_BUDGET_BYTES = 96 << 20
+
+
+@dataclass(frozen=True)
+class CompiledModel:
+    """Both plans of a model, compiled and checked against its key budget."""
+
+    artifact: ModelArtifact
+    latency: Plan
+    batch: BatchPlan
+    key_budget_bytes: int
+
+
+def key_budget_of(artifact: ModelArtifact) -> int:
+    """Return the artifact's key budget in bytes (its manifest's, else the default)."""
+    serving = artifact.manifest.get("serving", {})
+    budget = serving.get("key_budget_bytes") if isinstance(serving, dict) else None
+    return int(budget) if isinstance(budget, int) and budget > 0 else DEFAULT_KEY_BUDGET_BYTES
+
+
+def compile_model(artifact: ModelArtifact) -> CompiledModel:
+    """Compile both plans of an artifact exactly as the server will serve them.
+
+    Args:
+        artifact: a model checked by ``load_artifact``.
+
+    Returns:
+        The compiled plans.
+
+    Raises:
+        CompileError: a layer the engine cannot evaluate, or public keys over the budget.
+        ParameterError: the network is too deep or too wide for the largest ring.
+    """
+    budget = key_budget_of(artifact)
+    latency = compile_plan(artifact)
+    batch = compile_batch_plan(artifact)
+    for kind, plan in (("latency", latency), ("batch", batch)):
+        needed = plan.costs()["public_key_bytes"]
+        if needed > budget:
+            raise CompileError(
+                f"the {kind} plan needs {needed / 2**20:.1f} MiB of public keys, over the "
+                f"{budget / 2**20:.1f} MiB key budget; use fewer channels or lower-degree "
+                "activations, or raise the budget (he-models convert --key-budget)"
+            )
+    return CompiledModel(artifact, latency, batch, budget)
