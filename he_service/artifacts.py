@@ -18,13 +18,22 @@ from typing import Any
 import numpy as np
 
 FORMAT = "he-inference-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 artifacts are version 2 artifacts without ``add`` layers; exporters write the lowest
+# version that holds the layers (``format_version_for``), so servers that read only version 1
+# still serve every network without residual blocks.
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
+# Residual blocks nest; a bound keeps a hostile manifest from recursing without end.
+MAX_NESTING = 8
+MAX_LAYERS = 1024
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "Add",
     "ArtifactError",
     "Conv2d",
     "Flatten",
@@ -32,6 +41,7 @@ __all__ = [
     "Linear",
     "ModelArtifact",
     "Poly",
+    "format_version_for",
     "load_artifact",
 ]
 
@@ -84,7 +94,19 @@ class Flatten:
     kind: str = field(default="flatten", init=False)
 
 
-Layer = Conv2d | Linear | Poly | Flatten
+@dataclass(frozen=True)
+class Add:
+    """A residual join: ``y = sum_b branch_b(x)``, every branch applied to the same input.
+
+    An empty branch is the identity (a skip connection), so ``x + f(x)`` is
+    ``Add(((), f_layers))``. Every branch maps the input shape to the same output shape.
+    """
+
+    branches: tuple[tuple[Layer, ...], ...]
+    kind: str = field(default="add", init=False)
+
+
+Layer = Conv2d | Linear | Poly | Flatten | Add
 
 
 @dataclass(frozen=True)
@@ -137,10 +159,11 @@ def load_artifact(path: Path | str) -> ModelArtifact:
     _expect(manifest.get("format") == FORMAT, manifest_path, f"'format' must be {FORMAT!r}")
     version = manifest.get("format_version")
     _expect(
-        version == FORMAT_VERSION,
+        version in READABLE_VERSIONS,
         manifest_path,
-        f"format_version {version!r} is not supported (this server reads {FORMAT_VERSION}); "
-        "re-export the model with the matching `he-models`",
+        f"format_version {version!r} is not supported (this server reads "
+        f"{', '.join(map(str, READABLE_VERSIONS))}); re-export the model with the matching "
+        "`he-models`",
     )
     name = _get(manifest, "name", str, manifest_path)
     _expect(name == root.name, manifest_path, f"name {name!r} differs from directory {root.name!r}")
@@ -157,11 +180,9 @@ def load_artifact(path: Path | str) -> ModelArtifact:
 
     raw_layers = _get(manifest, "layers", list, manifest_path)
     _expect(len(raw_layers) > 0, manifest_path, "layers is empty")
-    layers = tuple(
-        _parse_layer(i, spec, weights, manifest_path) for i, spec in enumerate(raw_layers)
-    )
-    used = {k for spec in raw_layers for k in (spec.get("weight"), spec.get("bias")) if k}
-    unused = sorted(set(weights) - used)
+    parser = _LayerParser(weights, manifest_path, version == 1)
+    layers = parser.chain(raw_layers, "layers", depth=0)
+    unused = sorted(set(weights) - parser.used)
     _expect(not unused, manifest_path, f"weights.npz holds arrays no layer uses: {unused}")
 
     labels = _get(_get(manifest, "output", dict, manifest_path), "labels", list, manifest_path)
@@ -183,6 +204,19 @@ def load_artifact(path: Path | str) -> ModelArtifact:
         f"network outputs shape {final} but output.labels has {len(labels)} entries",
     )
     return artifact
+
+
+def format_version_for(layer_specs: list[Any]) -> int:
+    """Return the lowest format version that holds these manifest layer specs."""
+
+    def has_add(specs: list[Any]) -> bool:
+        return any(
+            isinstance(spec, dict)
+            and (spec.get("kind") == "add" or any(has_add(b) for b in spec.get("branches", [])))
+            for spec in specs
+        )
+
+    return 2 if has_add(layer_specs) else 1
 
 
 def _expect(ok: bool, where: Path, problem: str) -> None:
@@ -238,84 +272,133 @@ def _check_preprocessing(spec: Any, shape: list[int], where: Path) -> dict[str, 
     return result
 
 
-def _parse_layer(index: int, spec: Any, weights: Mapping[str, np.ndarray], where: Path) -> Layer:
-    if not isinstance(spec, dict):
-        raise ArtifactError(where, f"layers[{index}] must be an object")
-    kind = spec.get("kind")
+class _LayerParser:
+    """Parse manifest layer specs (recursively, for residual branches) and track used weights."""
 
-    def array(key: str, ndim: int) -> np.ndarray:
-        name = spec.get(key)
-        if not isinstance(name, str) or name not in weights:
-            raise ArtifactError(where, f"layers[{index}] ({kind}): {key} {name!r} not in weights")
-        value = weights[name]
-        if value.ndim != ndim:
-            raise ArtifactError(
-                where, f"layers[{index}] ({kind}): {name!r} has {value.ndim} dims, expected {ndim}"
-            )
-        return value
+    def __init__(self, weights: Mapping[str, np.ndarray], where: Path, v1: bool) -> None:
+        self.weights, self.where, self.v1 = weights, where, v1
+        self.used: set[str] = set()
+        self.count = 0
 
-    if kind == "conv2d":
-        weight, bias = array("weight", 4), array("bias", 1)
-        stride, padding = spec.get("stride", [1, 1]), spec.get("padding", [0, 0])
-        for label, pair, low in (("stride", stride, 1), ("padding", padding, 0)):
+    def chain(self, specs: list[Any], path: str, depth: int) -> tuple[Layer, ...]:
+        return tuple(self.layer(f"{path}[{i}]", spec, depth) for i, spec in enumerate(specs))
+
+    def layer(self, path: str, spec: Any, depth: int) -> Layer:
+        where = self.where
+        self.count += 1
+        if self.count > MAX_LAYERS:
+            raise ArtifactError(where, f"more than {MAX_LAYERS} layers")
+        if not isinstance(spec, dict):
+            raise ArtifactError(where, f"{path} must be an object")
+        kind = spec.get("kind")
+
+        def array(key: str, ndim: int) -> np.ndarray:
+            name = spec.get(key)
+            if not isinstance(name, str) or name not in self.weights:
+                raise ArtifactError(where, f"{path} ({kind}): {key} {name!r} not in weights")
+            value = self.weights[name]
+            if value.ndim != ndim:
+                raise ArtifactError(
+                    where, f"{path} ({kind}): {name!r} has {value.ndim} dims, expected {ndim}"
+                )
+            self.used.add(name)
+            return value
+
+        if kind == "conv2d":
+            weight, bias = array("weight", 4), array("bias", 1)
+            stride, padding = spec.get("stride", [1, 1]), spec.get("padding", [0, 0])
+            for label, pair, low in (("stride", stride, 1), ("padding", padding, 0)):
+                if not (
+                    isinstance(pair, list)
+                    and len(pair) == 2
+                    and all(isinstance(v, int) and v >= low for v in pair)
+                ):
+                    raise ArtifactError(where, f"{path} (conv2d): bad {label} {pair!r}")
+            if bias.shape != (weight.shape[0],):
+                raise ArtifactError(where, f"{path} (conv2d): bias shape {bias.shape}")
+            return Conv2d(weight, bias, (stride[0], stride[1]), (padding[0], padding[1]))
+        if kind == "linear":
+            weight, bias = array("weight", 2), array("bias", 1)
+            if bias.shape != (weight.shape[0],):
+                raise ArtifactError(where, f"{path} (linear): bias shape {bias.shape}")
+            return Linear(weight, bias)
+        if kind == "poly":
+            coeffs = spec.get("coeffs")
             if not (
-                isinstance(pair, list)
-                and len(pair) == 2
-                and all(isinstance(v, int) and v >= low for v in pair)
+                isinstance(coeffs, list)
+                and 1 <= len(coeffs) <= 9
+                and all(isinstance(c, int | float) and math.isfinite(c) for c in coeffs)
             ):
-                raise ArtifactError(where, f"layers[{index}] (conv2d): bad {label} {pair!r}")
-        if bias.shape != (weight.shape[0],):
-            raise ArtifactError(where, f"layers[{index}] (conv2d): bias shape {bias.shape}")
-        return Conv2d(weight, bias, (stride[0], stride[1]), (padding[0], padding[1]))
-    if kind == "linear":
-        weight, bias = array("weight", 2), array("bias", 1)
-        if bias.shape != (weight.shape[0],):
-            raise ArtifactError(where, f"layers[{index}] (linear): bias shape {bias.shape}")
-        return Linear(weight, bias)
-    if kind == "poly":
-        coeffs = spec.get("coeffs")
-        if not (
-            isinstance(coeffs, list)
-            and 1 <= len(coeffs) <= 9
-            and all(isinstance(c, int | float) and math.isfinite(c) for c in coeffs)
-        ):
-            raise ArtifactError(where, f"layers[{index}] (poly): coeffs must be 1-9 finite numbers")
-        return Poly(tuple(float(c) for c in coeffs))
-    if kind == "flatten":
-        return Flatten()
-    raise ArtifactError(
-        where, f"layers[{index}]: unknown kind {kind!r} (known: conv2d, linear, poly, flatten)"
-    )
+                raise ArtifactError(where, f"{path} (poly): coeffs must be 1-9 finite numbers")
+            return Poly(tuple(float(c) for c in coeffs))
+        if kind == "flatten":
+            return Flatten()
+        if kind == "add" and not self.v1:
+            branches = spec.get("branches")
+            if not (
+                isinstance(branches, list)
+                and len(branches) >= 2
+                and all(isinstance(b, list) for b in branches)
+            ):
+                raise ArtifactError(where, f"{path} (add): branches must be 2 or more lists")
+            if depth + 1 > MAX_NESTING:
+                raise ArtifactError(where, f"{path} (add): nested deeper than {MAX_NESTING}")
+            return Add(
+                tuple(
+                    self.chain(branch, f"{path}.branches[{b}]", depth + 1)
+                    for b, branch in enumerate(branches)
+                )
+            )
+        known = "conv2d, linear, poly, flatten" + ("" if self.v1 else ", add")
+        raise ArtifactError(where, f"{path}: unknown kind {kind!r} (known: {known})")
 
 
 def _infer_shapes(
     input_shape: tuple[int, ...], layers: tuple[Layer, ...], where: Path
 ) -> list[tuple[int, ...]]:
     shapes = [input_shape]
-    shape = input_shape
     for index, layer in enumerate(layers):
-        if isinstance(layer, Conv2d):
-            if len(shape) != 3 or shape[0] != layer.weight.shape[1]:
-                raise ArtifactError(
-                    where,
-                    f"layers[{index}] (conv2d) expects {layer.weight.shape[1]} input "
-                    f"channels, gets shape {shape}",
-                )
-            _, kh, kw = layer.weight.shape[1:]
-            out_h = (shape[1] + 2 * layer.padding[0] - kh) // layer.stride[0] + 1
-            out_w = (shape[2] + 2 * layer.padding[1] - kw) // layer.stride[1] + 1
-            if out_h < 1 or out_w < 1:
-                raise ArtifactError(where, f"layers[{index}] (conv2d): kernel larger than input")
-            shape = (layer.weight.shape[0], out_h, out_w)
-        elif isinstance(layer, Flatten):
-            shape = (math.prod(shape),)
-        elif isinstance(layer, Linear):
-            if shape != (layer.weight.shape[1],):
-                raise ArtifactError(
-                    where,
-                    f"layers[{index}] (linear) expects {layer.weight.shape[1]} inputs, "
-                    f"gets shape {shape}",
-                )
-            shape = (layer.weight.shape[0],)
-        shapes.append(shape)
+        shapes.append(_shape_after(layer, shapes[-1], f"layers[{index}]", where))
     return shapes
+
+
+def _shape_after(layer: Layer, shape: tuple[int, ...], path: str, where: Path) -> tuple[int, ...]:
+    """Return the shape ``layer`` produces from ``shape``, or refuse the mismatch."""
+    if isinstance(layer, Conv2d):
+        if len(shape) != 3 or shape[0] != layer.weight.shape[1]:
+            raise ArtifactError(
+                where,
+                f"{path} (conv2d) expects {layer.weight.shape[1]} input channels, gets shape "
+                f"{shape}",
+            )
+        _, kh, kw = layer.weight.shape[1:]
+        out_h = (shape[1] + 2 * layer.padding[0] - kh) // layer.stride[0] + 1
+        out_w = (shape[2] + 2 * layer.padding[1] - kw) // layer.stride[1] + 1
+        if out_h < 1 or out_w < 1:
+            raise ArtifactError(where, f"{path} (conv2d): kernel larger than input")
+        return (layer.weight.shape[0], out_h, out_w)
+    if isinstance(layer, Flatten):
+        return (math.prod(shape),)
+    if isinstance(layer, Linear):
+        if shape != (layer.weight.shape[1],):
+            raise ArtifactError(
+                where,
+                f"{path} (linear) expects {layer.weight.shape[1]} inputs, gets shape {shape}",
+            )
+        return (layer.weight.shape[0],)
+    if isinstance(layer, Add):
+        outputs = []
+        for b, branch in enumerate(layer.branches):
+            out = shape
+            for i, inner in enumerate(branch):
+                out = _shape_after(inner, out, f"{path}.branches[{b}][{i}]", where)
+            outputs.append(out)
+        if len(set(outputs)) > 1:
+            shown = ", ".join(
+                f"branch {b} ({len(branch)} layers{', identity' if not branch else ''}) "
+                f"outputs {out}"
+                for b, (branch, out) in enumerate(zip(layer.branches, outputs, strict=True))
+            )
+            raise ArtifactError(where, f"{path} (add): branches disagree: {shown}")
+        return outputs[0]
+    return shape

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from he_service.artifacts import format_version_for
 from he_service.engine.params import OUTPUT_HEADROOM_BITS
 from models.conversion import ConversionReport, ConvertedNetwork
-from models.export import FORMAT, FORMAT_VERSION, ExportError, ExportResult, export_artifact
+from models.export import FORMAT, ExportError, ExportResult, export_artifact
 from models.polynomial import PolyActivation
 from models.training import to_tensor
 
@@ -140,7 +141,7 @@ def converted_manifest(
         conversion["output_bound"] = dict(output_bound)
     manifest: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_for(layers),
         "name": name,
         "description": description,
         "input": {

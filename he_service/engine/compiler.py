@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from he_service.artifacts import Conv2d, Flatten, Linear, ModelArtifact, Poly
+from he_service.artifacts import Add, Conv2d, Flatten, Linear, ModelArtifact, Poly
 from he_service.engine.layouts import Layout, affine_options, input_step, next_pow2
 from he_service.engine.params import choose_params
 from he_service.engine.plan import (
@@ -237,6 +237,8 @@ def normalise(artifact: ModelArtifact) -> list[_Affine | PolyStep]:
         in_shape = shapes[index]
         if isinstance(layer, Flatten):
             continue
+        if isinstance(layer, Add):
+            raise CompileError(f"layers[{index}]: residual blocks (add) are not compiled yet")
         if isinstance(layer, Conv2d | Linear):
             affine = _affine_of(layer, in_shape)
             if pending is not None:

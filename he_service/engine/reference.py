@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from he_service.artifacts import Conv2d, Flatten, Linear, ModelArtifact, Poly
+from he_service.artifacts import Add, Conv2d, Flatten, Layer, Linear, ModelArtifact, Poly
 
 __all__ = ["conv2d", "forward_plain"]
 
@@ -47,7 +47,11 @@ def forward_plain(artifact: ModelArtifact, x: np.ndarray) -> np.ndarray:
         The output vector (logits).
     """
     value: np.ndarray = np.asarray(x, dtype=np.float64).reshape(artifact.input_shape)
-    for layer in artifact.layers:
+    return _chain(artifact.layers, value)
+
+
+def _chain(layers: tuple[Layer, ...], value: np.ndarray) -> np.ndarray:
+    for layer in layers:
         if isinstance(layer, Conv2d):
             value = conv2d(value, layer)
         elif isinstance(layer, Flatten):
@@ -56,4 +60,7 @@ def forward_plain(artifact: ModelArtifact, x: np.ndarray) -> np.ndarray:
             value = layer.weight @ value + layer.bias
         elif isinstance(layer, Poly):
             value = np.polynomial.polynomial.polyval(value, layer.coeffs)
+        elif isinstance(layer, Add):
+            start = value
+            value = sum((_chain(branch, start) for branch in layer.branches), np.zeros(()))
     return value
