@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from he_service.engine import ParameterError, SquareStep, choose_params
+from he_service.engine import max_depth_by_ring as engine_max_depth_by_ring
 from models._lowering import ACTIVATION, Change, Layer, PoolConv2d, lower
 from models.polynomial import (
     DEFAULT_TOLERANCE,
@@ -168,15 +168,7 @@ def max_depth_by_ring() -> dict[int, int]:
     Returns:
         ``{N: max depth}``, e.g. ``{4096: 1, 8192: 5, ...}``.
     """
-    result: dict[int, int] = {}
-    for depth in range(1, 64):
-        try:
-            chain = choose_params([SquareStep()] * depth, 1)
-        except ParameterError:
-            break
-        n = chain.params.poly_modulus_degree
-        result[n] = max(result.get(n, 0), depth)
-    return result
+    return {n: depth for n, depth in engine_max_depth_by_ring().items() if depth > 0}
 
 
 def _ring_text(depth: int) -> str:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from he_service.artifacts import ModelArtifact
 from he_service.engine.batch.parameters import choose_parameters
 from he_service.engine.batch.plan import BatchAffine, BatchLayer, BatchPlan, BatchPoly, FloatAffine
-from he_service.engine.compiler import CompileError, normalise
-from he_service.engine.plan import CubicStep, PolyStep, QuarticStep, SquareStep
+from he_service.engine.graph import CompileError, LinearNode, PolyNode, build_graph
+from he_service.engine.poly import CubicStep, PolyStep, QuarticStep, SquareStep
 
 __all__ = ["compile_batch_plan"]
 
@@ -37,7 +38,7 @@ def compile_batch_plan(
     Raises:
         CompileError: an unsupported layer, or a network too deep for 128-bit parameters.
     """
-    ops = normalise(artifact)
+    ops = _chain_form(artifact)
     affines: list[FloatAffine] = []
     polys: list[PolyStep] = []
     for index, op in enumerate(ops):
@@ -60,6 +61,27 @@ def compile_batch_plan(
         input_length=int(math.prod(artifact.input_shape)),
         output_length=int(affines[-1].matrix.shape[0]),
     )
+
+
+@dataclass
+class _Affine:
+    matrix: np.ndarray  # (out, in) over the flattened input of this map
+    bias: np.ndarray
+
+
+def _chain_form(artifact: ModelArtifact) -> list[FloatAffine | PolyStep]:
+    """Return the network as dense affine maps and polynomial steps, alternating."""
+    graph = build_graph(artifact)
+    if not graph.is_chain():
+        raise CompileError("the batch plan does not evaluate residual blocks yet")
+    ops: list[FloatAffine | PolyStep] = []
+    for node in graph.nodes[1:]:
+        if isinstance(node, LinearNode):
+            ops.append(_Affine(node.terms[0].chain.matrix(), node.bias))
+        else:
+            assert isinstance(node, PolyNode)
+            ops.append(node.step)
+    return ops
 
 
 def _poly_of(step: PolyStep) -> BatchPoly:

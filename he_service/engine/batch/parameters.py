@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from he_service.engine.batch.plan import BatchPoly, FloatAffine
-from he_service.engine.compiler import CompileError
+from he_service.engine.graph import CompileError
 from he_service.engine.params import OUTPUT_HEADROOM_BITS
 from he_service.protocol.params import MAX_COEFF_BITS_128, CkksParams
 

@@ -7,7 +7,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from he_service.engine.plan import PolyStep
+from he_service.engine.poly import PolyStep
 from he_service.protocol.params import CkksParams
 
 __all__ = ["BatchAffine", "BatchLayer", "BatchPlan", "BatchPoly", "FloatAffine"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from he_service.engine.compiler import CompileError
+from he_service.engine.graph import CompileError
 
 __all__ = [
     "MAX_CHUNK_BITS",
