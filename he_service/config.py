@@ -30,6 +30,14 @@ class Config:
     # 784 ciphertexts (about 140 MB) for one full group of MNIST images.
     max_batch_samples: int = 8192
     max_batch_bytes: int = 512 << 20
+    # A unit (one batch group) larger than one body is uploaded in parts of at most this size
+    # (POST /v1/models/<name>/uploads), staged beside the contexts (disk or Redis) until the
+    # client asks for the prediction. Bounds: bytes staged in all, open uploads per caller,
+    # seconds an upload lives after its last part.
+    max_part_bytes: int = 64 << 20
+    uploads_max_bytes: int = 2 << 30
+    uploads_per_owner: int = 4
+    uploads_ttl_seconds: int = 900
     key_store_max_bytes: int = 4 << 30
     key_store_max_entries: int = 64
     key_store_ttl_seconds: int = 3600
