@@ -262,9 +262,10 @@ def _register_routes(app: Flask) -> None:
     @app.put("/v1/uploads/<upload_id>/parts/<int:index>")
     def upload_part(upload_id: str, index: int) -> Response:
         service = _service()
-        data = _read_body(service.config.max_part_bytes, "upload part")
+        # An unknown upload is refused before its body is received.
         info = service.uploads.info(_owner(), upload_id)
         plan = service.registry.model(info.model).plan(info.plan)
+        data = _read_body(service.config.max_part_bytes, "upload part")
         count = plan.check_part(index, data)
         info = service.uploads.put_part(
             _owner(),
