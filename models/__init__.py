@@ -23,9 +23,9 @@ from models.conversion import (
     ActivationReport,
     ConversionReport,
     ConvertedNetwork,
+    Residual,
     convert,
     depth_of,
-    max_depth_by_ring,
     validate,
 )
 from models.datasets import (
@@ -81,6 +81,7 @@ __all__ = [
     "PolyActivation",
     "PolyFit",
     "Problem",
+    "Residual",
     "Split",
     "Square",
     "TrainConfig",
@@ -102,7 +103,6 @@ __all__ = [
     "load_digits_split",
     "load_mnist_idx",
     "load_mnist_split",
-    "max_depth_by_ring",
     "measure_encrypted",
     "network_layers",
     "out_of_range_fractions",
