@@ -18,7 +18,14 @@ Converting your own network::
 
 from __future__ import annotations
 
-from models.architectures import BreastCancerMLP, DigitsCNN, MnistReluCNN, Square
+from models.architectures import (
+    BreastCancerMLP,
+    DigitsCNN,
+    DigitsResNet,
+    LeNet5,
+    MnistReluCNN,
+    Square,
+)
 from models.conversion import (
     ActivationReport,
     ConversionReport,
@@ -73,9 +80,11 @@ __all__ = [
     "ConversionReport",
     "ConvertedNetwork",
     "DigitsCNN",
+    "DigitsResNet",
     "EncryptedMeasurement",
     "ExportError",
     "FineTuneConfig",
+    "LeNet5",
     "MnistReluCNN",
     "OutputRangeError",
     "PolyActivation",

@@ -187,7 +187,13 @@ def test_evaluate_a_converted_model_with_its_own_data(
 def test_list_names_the_recipes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["breast-cancer-mlp", "digits-cnn", "mnist-cnn"]
+    assert [line.split()[0] for line in lines] == [
+        "breast-cancer-mlp",
+        "digits-cnn",
+        "digits-resnet",
+        "mnist-cnn",
+        "mnist-lenet5",
+    ]
     shipped = {line.split()[0]: "not shipped" not in line for line in lines}
     assert shipped == {name: recipe.shipped for name, recipe in RECIPES.items()}
 
