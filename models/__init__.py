@@ -14,6 +14,10 @@ Converting your own network::
     export_converted(network, "models/artifacts", "my-net", labels=[...],
                      preprocessing={"scale": 1.0, "mean": [0.0], "std": [1.0]},
                      check_x=x_train)
+
+Residual blocks (``x + f(x)``, a ResNet ``BasicBlock``) convert to ``Residual`` modules and
+``add`` layers. For a regression head pass ``task="regression"`` to ``fine_tune`` (MSE) and
+``export_converted`` (``output.task`` in the manifest; labels name the outputs).
 """
 
 from __future__ import annotations

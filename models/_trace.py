@@ -476,6 +476,12 @@ def _function_step(node: fx.Node, path: str, helpers: set[fx.Node]) -> Step:
         )
     if node.op == "call_function" and target is F.avg_pool2d:
         return refuse("functional pooling is not recognised", "use an nn.AvgPool2d module")
+    if (node.op == "call_method" and target == "mean") or target is torch.mean:
+        return refuse(
+            "a mean written in forward is not recognised",
+            "for a global average over height and width use nn.AdaptiveAvgPool2d(1) and "
+            "nn.Flatten()",
+        )
     if _arithmetic(node) is not None:
         return refuse(
             "arithmetic with a constant is not a layer of the artifact",
@@ -727,20 +733,21 @@ class _Builder:
         if overwritten is None:
             return
         later = [
-            user.name
+            _node_path(user)
             for user in overwritten.users
             if user is not node and self.order.get(user, len(self.order) + 1) > self.order[node]
         ]
         if later:
             path = _node_path(node)
+            value = _node_path(overwritten)
             self.problems.append(
                 Problem(
                     path,
                     _callable_name(node.target) + " in forward"
                     if node.op != "call_module"
                     else describe(self.model.get_submodule(str(node.target))),
-                    f"it overwrites {overwritten.name} in place, and {', '.join(later)} read "
-                    f"{overwritten.name} afterwards: the traced graph cannot see that change",
+                    f"it overwrites {value} in place, and {', '.join(later)} read {value} "
+                    "afterwards: the traced graph cannot see that change",
                     "assign the result instead (out = out + identity, out = torch.relu(out)) and "
                     "use it",
                 )

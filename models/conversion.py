@@ -119,16 +119,24 @@ class ConvertedNetwork(nn.Sequential):
 
     def __init__(self, layers: Sequence[tuple[str, nn.Module]], input_shape: Sequence[int]):
         names: list[str] = []
+        paths: list[str] = []
         for path, _ in layers:
-            name = re.sub(r"[^0-9A-Za-z_]", "_", path)
+            unique = path
+            count = 2
+            while unique in paths:
+                unique = f"{path}:{count}"  # the same module called twice in forward
+                count += 1
+            paths.append(unique)
+            name = re.sub(r"[^0-9A-Za-z_]", "_", unique)
             while name in names:
                 name += "_"
             names.append(name)
         super().__init__(
             OrderedDict((name, module) for name, (_, module) in zip(names, layers, strict=True))
         )
-        self.paths: tuple[str, ...] = tuple(path for path, _ in layers)
+        self.paths: tuple[str, ...] = tuple(paths)
         self.input_shape: tuple[int, ...] = tuple(int(d) for d in input_shape)
+        # Weight names must be unique across branches too.
         _make_paths_unique(self, set())
 
     def __getitem__(self, index: int | slice) -> Any:

@@ -211,3 +211,19 @@ def test_cli_refuses_unsupported_layers_and_writes_nothing(
     assert "3 (LSTM" in err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+class MeanHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_a_mean_in_forward_points_to_adaptive_pooling() -> None:
+    (problem,) = validate(MeanHead(), (1, 4, 4))
+    assert problem.path == "mean"
+    assert "nn.AdaptiveAvgPool2d(1) and nn.Flatten()" in problem.fix
