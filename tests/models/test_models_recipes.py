@@ -1,4 +1,4 @@
-"""Recipes that are not shipped yet: their networks, and their plaintext training."""
+"""The newer recipes' networks, and the residual one's plaintext training."""
 
 from __future__ import annotations
 
@@ -66,7 +66,6 @@ def test_digits_resnet_converts_its_block_to_an_add_layer() -> None:
 @pytest.mark.slow
 def test_digits_resnet_trains_within_the_accuracy_bar(tmp_path: Path) -> None:
     recipe = RECIPES["digits-resnet"]
-    assert not recipe.shipped
     trained = recipe.prepare(0, 0)
     summary = trained.summary
     assert summary["original_accuracy"] - summary["poly_accuracy"] <= 0.015

@@ -499,3 +499,36 @@ def test_format_version_stays_1_without_residual_blocks() -> None:
     network, _ = convert(nn.Sequential(nn.Linear(6, 2)), _vectors())
     manifest, _ = converted_manifest(network, "net", labels=["a", "b"], preprocessing={})
     assert manifest["format_version"] == 1
+
+
+class PooledShortcut(nn.Module):
+    """A ResNet-D style block: the shortcut averages 2x2 windows, then projects with 1x1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.shortcut = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4))
+        self.act = Square()
+        self.head = nn.Linear(4 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head(self.act(self.bn(self.conv(h)) + self.shortcut(h)).flatten(1))
+
+
+def test_pooling_inside_a_branch_becomes_a_convolution(tmp_path: Path) -> None:
+    model = _randomise(PooledShortcut(), 7)
+    x = _images()
+    network, report = convert(model, x)
+    np.testing.assert_allclose(_outputs(network, x), _outputs(model, x), rtol=1e-10)
+    join = network[1]
+    assert isinstance(join, Residual)
+    assert join.networks()[1].paths == ("shortcut.0", "shortcut.1")
+    assert [c.new for c in report.changes[1].branches[1]] == [
+        "conv2d 2->2 with fixed weights (average pooling)",
+        "conv2d",
+        "folded into shortcut.1",
+    ]
+    _round_trip(network, tmp_path, x, 2)
