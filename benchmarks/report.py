@@ -432,9 +432,9 @@ def plot_scale(rows: Sequence[dict[str, Any]], path: Path) -> None:
     for budget in sorted(budgets):
         keys_ax.axhline(budget / 1e6, color="tab:red", linestyle="--", linewidth=1)
         keys_ax.annotate(
-            f"key budget {budget / 2**20:.0f} MiB", (0.01, budget / 1e6), fontsize=7,
-            color="tab:red", xycoords=("axes fraction", "data"), xytext=(0, 3),
-            textcoords="offset points",
+            f"key budget {budget / 2**20:.0f} MiB", (0.99, budget / 1e6), fontsize=7,
+            color="tab:red", xycoords=("axes fraction", "data"), xytext=(0, -9),
+            textcoords="offset points", horizontalalignment="right",
         )  # fmt: skip
     for ax, label in ((keys_ax, "public keys (MB)"), (time_ax, "server time per sample (ms)")):
         ax.set_xscale("log")
