@@ -304,6 +304,7 @@ SCALE_COLUMNS = (
     ("max abs error", ">"),
     ("agreement", ">"),
     ("status", "<"),
+    ("expected error", ">"),  # shown once plans publish their expected logit error
 )
 SCALE_NOTES = (
     "weights: of the converted network (BatchNorm folded); depth: activation levels;",
@@ -311,7 +312,8 @@ SCALE_NOTES = (
     "public keys: relinearization + Galois keys as the SDK uploads them; request: one sample;",
     "  ~ marks a refused network's plan figures without the key budget",
     "server: median of the timed evaluations of one sample (EncryptedEvaluator, in-process)",
-    "max abs error, agreement: encrypted vs forward_plain on held-out samples (argmax)",
+    "max abs error, agreement: encrypted vs forward_plain on held-out samples (argmax);",
+    "  expected error: what the plan publishes (when it does)",
 )
 
 
@@ -335,6 +337,7 @@ def scale_cells(row: dict[str, Any]) -> list[str]:
     estimated = "~" if row.get("estimated") else ""
     bits = row.get("coeff_modulus_bits")
     error, agreement = row.get("max_abs_error"), row.get("agreement")
+    expected = row.get("expected_max_logit_error")
 
     def count(name: str) -> str:
         value = row.get(name)
@@ -358,15 +361,20 @@ def scale_cells(row: dict[str, Any]) -> list[str]:
         "-" if error is None else f"{error:.1e}",
         "-" if agreement is None else f"{agreement:.0%} of {row['samples']}",
         _short_reason(row),
+        "-" if expected is None else f"{expected:.1e}",
     ]
 
 
 def scale_report(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> str:
     """Return the scale series as a table (text or Markdown), notes and refusal reasons."""
+    columns = list(SCALE_COLUMNS)
     body = [scale_cells(row) for row in rows]
-    header = [name for name, _ in SCALE_COLUMNS]
+    if all(row.get("expected_max_logit_error") is None for row in rows):
+        columns.pop()
+        body = [cells[:-1] for cells in body]
+    header = [name for name, _ in columns]
     if markdown:
-        align = ["---" if a == "<" else "--:" for _, a in SCALE_COLUMNS]
+        align = ["---" if a == "<" else "--:" for _, a in columns]
         lines = [header, align, *body]
         table = "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
     else:
@@ -374,7 +382,7 @@ def scale_report(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> s
         table = "\n".join(
             "  ".join(
                 f"{cell:{align}{width}}"
-                for cell, (_, align), width in zip(cells, SCALE_COLUMNS, widths, strict=True)
+                for cell, (_, align), width in zip(cells, columns, widths, strict=True)
             ).rstrip()
             for cells in [header, ["-" * w for w in widths], *body]
         )

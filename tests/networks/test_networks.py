@@ -64,24 +64,30 @@ MIN_R2 = 0.3
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid)
 
 
-TABULAR = {"batch_size": 32, "epochs": 30}
 SERVED: list[NetworkSpec] = [
     NetworkSpec(
-        "wine-mlp-relu", "wine", lambda: mlp([13, 16, 3], nn.ReLU), "13-16-3 ReLU", **TABULAR
+        "wine-mlp-relu",
+        "wine",
+        lambda: mlp([13, 16, 3], nn.ReLU),
+        "13-16-3 ReLU",
+        epochs=30,
+        batch_size=32,
     ),
     NetworkSpec(
         "wine-mlp-bn-gelu-silu",
         "wine",
         lambda: mlp([13, 32, 16, 3], nn.GELU, nn.SiLU, bn=True),
         "13-32-16-3, BatchNorm, GELU then SiLU",
-        **TABULAR,
+        epochs=30,
+        batch_size=32,
     ),
     NetworkSpec(
         "breast-cancer-mlp-tanh",
         "breast-cancer",
         lambda: mlp([30, 16, 8, 2], nn.Tanh),
         "30-16-8-2 Tanh",
-        **TABULAR,
+        epochs=30,
+        batch_size=32,
     ),
     NetworkSpec(
         "breast-cancer-mlp-sigmoid-auto",
@@ -89,7 +95,8 @@ SERVED: list[NetworkSpec] = [
         lambda: mlp([30, 8, 2], nn.Sigmoid),
         "30-8-2 Sigmoid, degree chosen by the converter (up to 4)",
         degrees=None,
-        **TABULAR,
+        epochs=30,
+        batch_size=32,
     ),
     NetworkSpec(
         "diabetes-regression",
@@ -180,7 +187,12 @@ REFUSED: dict[str, tuple[NetworkSpec, str]] = {
     for spec, pattern in [
         (
             NetworkSpec(
-                "wine-mlp-residual", "wine", ResidualMLP, "13-16 + residual 16-16, 16-3", **TABULAR
+                "wine-mlp-residual",
+                "wine",
+                ResidualMLP,
+                "13-16 + residual 16-16, 16-3",
+                epochs=30,
+                batch_size=32,
             ),
             RESIDUAL,
         ),

@@ -127,7 +127,11 @@ def load_data(name: str, seed: int = 0) -> Data:
             prep = {"scale": PIXEL_SCALE, "mean": list(MNIST_MEAN), "std": list(MNIST_STD)}
         else:
             pixels = np.asarray(split.x_train, dtype=np.float64) / 16.0
-            prep = {"scale": 1.0 / 16.0, "mean": [float(pixels.mean())], "std": [pixels.std()]}
+            prep = {
+                "scale": 1.0 / 16.0,
+                "mean": [float(pixels.mean())],
+                "std": [float(pixels.std())],
+            }
         return Data(
             name,
             CLASSIFICATION,
@@ -141,7 +145,7 @@ def load_data(name: str, seed: int = 0) -> Data:
         )
     if name == "breast-cancer":
         bc = load_breast_cancer_split(seed)
-        labels = ("malignant", "benign")
+        labels: tuple[str, ...] = ("malignant", "benign")
         parts: tuple[np.ndarray, ...] = (bc.x_train, bc.y_train, bc.x_test, bc.y_test)
     elif name == "wine":
         from sklearn.datasets import load_wine
