@@ -3,13 +3,19 @@
 Modules run in the order baseline -> latency -> batch, so that the reference of every
 same-run speed ratio is measured first (see ``harness.Measurements``). ``--bench-models``
 limits the models; the baseline always runs (it is the reference of mnist-cnn's targets).
+
+The scale series (``test_scale.py``, ``--scale-*`` options) trains networks and takes long:
+it runs only when named on the command line, and its rows (refusals included) go to the
+``--benchmark-json`` document under ``"scale"``.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from flask import Flask
@@ -19,8 +25,16 @@ from waitress.server import create_server
 from clients import HEClient
 from he_service.app import create_app
 
+if TYPE_CHECKING:
+    from scale_series import ScaleRun
+
 _MODULE_ORDER = ("test_baseline_tenseal.py", "test_latency.py", "test_batch.py")
 _HERE = Path(__file__).resolve().parent
+_SCALE = _HERE / "test_scale.py"
+_SCALE_RUN = pytest.StashKey["ScaleRun"]()
+# The scale series builds its networks with the test zoo (tests/networks), wherever pytest runs.
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(0, str(_HERE.parent))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -28,6 +42,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--bench-models",
         default="",
         help="comma-separated models to benchmark (default: every shipped model)",
+    )
+    group = parser.getgroup("scale", "scale series (benchmarks/test_scale.py)")
+    group.addoption(
+        "--scale-networks",
+        default="",
+        help="comma-separated networks of the scale series (default: all)",
+    )
+    group.addoption(
+        "--scale-samples",
+        type=int,
+        default=32,
+        help="held-out samples per network run encrypted for error and agreement (32)",
+    )
+    group.addoption("--scale-rounds", type=int, default=3, help="timed evaluations per network (3)")
+    group.addoption(
+        "--scale-cache",
+        type=Path,
+        default=_HERE.parent / ".benchmarks" / "scale-networks",
+        help="where trained networks are cached (default .benchmarks/scale-networks)",
     )
 
 
@@ -48,13 +81,37 @@ def _chosen(config: pytest.Config) -> list[str]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize every benchmark that takes ``model`` over the selected shipped models."""
+    """Parametrize benchmarks over the selected shipped models or scale-series networks."""
     if "model" in metafunc.fixturenames:
         metafunc.parametrize("model", _chosen(metafunc.config) or shipped_models())
+    if "network" in metafunc.fixturenames:
+        from scale_series import SERIES
+
+        chosen = [n for n in str(metafunc.config.getoption("--scale-networks")).split(",") if n]
+        known = [spec.name for spec in SERIES]
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            raise pytest.UsageError(f"--scale-networks: unknown {unknown}; known: {known}")
+        specs = [spec for spec in SERIES if not chosen or spec.name in chosen]
+        metafunc.parametrize("network", specs, ids=[spec.name for spec in specs])
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run baseline, then latency, then batch benchmarks (references before comparisons)."""
+def _named_on_command_line(config: pytest.Config, path: Path) -> bool:
+    for arg in config.args:
+        target = Path(str(arg).split("::")[0])
+        target = target if target.is_absolute() else Path(config.invocation_params.dir) / target
+        if target.resolve() == path:
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep the scale series unless named; run baseline, then latency, then batch."""
+    if not _named_on_command_line(config, _SCALE):
+        skipped = [item for item in items if item.path == _SCALE]
+        if skipped:
+            config.hook.pytest_deselected(items=skipped)
+            items[:] = [item for item in items if item.path != _SCALE]
     positions = [i for i, item in enumerate(items) if item.path.parent == _HERE]
 
     def rank(item: pytest.Item) -> int:
@@ -106,3 +163,35 @@ def heldout(served: Served) -> HeldOut:
 @pytest.fixture(scope="session")
 def measurements() -> Measurements:
     return Measurements()
+
+
+@pytest.fixture(scope="session")
+def scale(request: pytest.FixtureRequest) -> ScaleRun:
+    from scale_series import ScaleRun  # torch: only when the scale series runs
+
+    config = request.config
+    run = ScaleRun(
+        cache=Path(config.getoption("--scale-cache")),
+        samples=int(config.getoption("--scale-samples")),
+        rounds=int(config.getoption("--scale-rounds")),
+    )
+    config.stash[_SCALE_RUN] = run
+    return run
+
+
+def pytest_benchmark_update_json(
+    config: pytest.Config, benchmarks: list[object], output_json: dict[str, Any]
+) -> None:
+    """Add the scale series' rows (refusals included) to the --benchmark-json document."""
+    run = config.stash.get(_SCALE_RUN, None)
+    if run is not None:
+        output_json["scale"] = [row.to_json() for row in run.rows]
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    run = config.stash.get(_SCALE_RUN, None)
+    if run is not None and run.rows:
+        from report import scale_report
+
+        terminalreporter.write_sep("-", "scale series")
+        terminalreporter.write_line(scale_report([row.to_json() for row in run.rows]))

@@ -6,6 +6,12 @@ Usage::
     python benchmarks/report.py --models mnist-cnn   # only these models (and the baseline)
     python benchmarks/report.py --json out.json      # print a saved --benchmark-json file
     python benchmarks/report.py -- -k latency        # extra arguments go to pytest
+    python benchmarks/report.py --scale --plot docs/scale.png   # the scale series instead
+    python benchmarks/report.py --scale --json out.json --markdown  # its table for README
+
+``--scale`` runs ``benchmarks/test_scale.py`` (networks of growing width and depth, trained
+and cached on first use) and prints one row per network, refusals included; ``--plot PATH``
+writes key bytes and server time against the number of weights as a PNG.
 
 The run is ``python -m pytest benchmarks --benchmark-only --benchmark-json FILE`` with this
 interpreter; the exit status is pytest's, so a failed benchmark or target fails the report.
@@ -44,16 +50,24 @@ COLUMNS = (
 )
 
 
-def run_benchmarks(json_path: Path, models: Sequence[str], pytest_args: Sequence[str]) -> int:
-    """Run the benchmark suite with this interpreter; return pytest's exit status."""
+def run_benchmarks(
+    json_path: Path, models: Sequence[str], pytest_args: Sequence[str], *, scale: bool = False
+) -> int:
+    """Run the benchmarks (or the scale series) with this interpreter; return pytest's status."""
+    if scale:
+        selection = [
+            str(BENCHMARKS / "test_scale.py"),
+            *([f"--scale-networks={','.join(models)}"] if models else []),
+        ]
+    else:
+        selection = [str(BENCHMARKS), *([f"--bench-models={','.join(models)}"] if models else [])]
     command = [
         sys.executable,
         "-m",
         "pytest",
-        str(BENCHMARKS),
+        *selection,
         "--benchmark-only",
         f"--benchmark-json={json_path}",
-        *([f"--bench-models={','.join(models)}"] if models else []),
         *pytest_args,
     ]
     print("$", shlex.join(command), flush=True)
@@ -214,28 +228,255 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--save", type=Path, metavar="PATH", help="keep the run's --benchmark-json file here"
     )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="the scale series (benchmarks/test_scale.py) instead of the shipped models",
+    )
+    parser.add_argument(
+        "--networks",
+        default="",
+        help="with --scale: comma-separated networks of the series (default: all)",
+    )
+    parser.add_argument(
+        "--plot", type=Path, metavar="PATH", help="with --scale: write the scale plot (PNG) here"
+    )
+    parser.add_argument(
+        "--markdown", action="store_true", help="with --scale: print the table as Markdown"
+    )
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args(argv)
-    models = [m for m in args.models.split(",") if m]
+    if not args.scale and (args.plot or args.markdown or args.networks):
+        parser.error("--plot, --markdown and --networks need --scale")
+    selected = args.networks if args.scale else args.models
+    models = [m for m in selected.split(",") if m]
+
+    def present(path: Path, status: int) -> int:
+        if args.scale:
+            return show_scale(path, status, plot=args.plot, markdown=args.markdown)
+        return show(path, models, status)
 
     if args.json is not None:
-        return show(args.json, models, status=0)
+        return present(args.json, 0)
     if args.save is not None:
-        return show(args.save, models, run_benchmarks(args.save, models, args.pytest_args))
+        return present(
+            args.save, run_benchmarks(args.save, models, args.pytest_args, scale=args.scale)
+        )
     with tempfile.TemporaryDirectory(prefix="he-bench-") as tmp:
         json_path = Path(tmp) / "benchmarks.json"
-        return show(json_path, models, run_benchmarks(json_path, models, args.pytest_args))
+        status = run_benchmarks(json_path, models, args.pytest_args, scale=args.scale)
+        return present(json_path, status)
+
+
+def _read(json_path: Path) -> dict[str, Any] | None:
+    try:
+        document: dict[str, Any] = json.loads(json_path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"cannot read benchmark results {json_path}: {exc}", file=sys.stderr)
+        return None
+    return document
 
 
 def show(json_path: Path, models: Sequence[str], status: int) -> int:
     """Print the table of a --benchmark-json file; return the exit status of the report."""
-    try:
-        document = json.loads(json_path.read_text())
-    except (OSError, ValueError) as exc:
-        print(f"cannot read benchmark results {json_path}: {exc}", file=sys.stderr)
+    document = _read(json_path)
+    if document is None:
         return status or 1
     print()
     print(report(document, models))
+    if status != 0:
+        print(f"\nthe benchmark run failed (pytest exit status {status})", file=sys.stderr)
+    return status
+
+
+# The scale series: one row per network (``scale_series.Row`` as JSON), refusals included.
+SCALE_COLUMNS = (
+    ("network", "<"),
+    ("weights", ">"),
+    ("depth", ">"),
+    ("N", ">"),
+    ("primes", ">"),
+    ("rotations", ">"),
+    ("Galois keys", ">"),
+    ("public keys", ">"),
+    ("request", ">"),
+    ("server", ">"),
+    ("max abs error", ">"),
+    ("agreement", ">"),
+    ("status", "<"),
+    ("expected error", ">"),  # shown once plans publish their expected logit error
+)
+SCALE_NOTES = (
+    "weights: of the converted network (BatchNorm folded); depth: activation levels;",
+    "  primes: data primes of the coefficient modulus (the special prime not counted)",
+    "public keys: relinearization + Galois keys as the SDK uploads them; request: one sample;",
+    "  ~ marks a refused network's plan figures without the key budget",
+    "server: median of the timed evaluations of one sample (EncryptedEvaluator, in-process)",
+    "max abs error, agreement: encrypted vs forward_plain on held-out samples (argmax);",
+    "  expected error: what the plan publishes (when it does)",
+)
+
+
+def _one_line(text: str, limit: int = 240) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _short_reason(row: dict[str, Any]) -> str:
+    reason = str(row.get("reason", ""))
+    if row["status"] == "refused" and "key budget" in reason:
+        return "refused: keys over budget"
+    if "residual" in reason or "skip connection" in reason:
+        return f"{row['status']}: residual"
+    first = reason.split(";")[0].split(":")[-1].strip()
+    return f"{row['status']}: {first[:40]}" if reason else str(row["status"])
+
+
+def scale_cells(row: dict[str, Any]) -> list[str]:
+    """Return the formatted cells of one network of the scale series."""
+    estimated = "~" if row.get("estimated") else ""
+    bits = row.get("coeff_modulus_bits")
+    error, agreement = row.get("max_abs_error"), row.get("agreement")
+    expected = row.get("expected_max_logit_error")
+
+    def count(name: str) -> str:
+        value = row.get(name)
+        return "-" if value is None else str(value)
+
+    def size(name: str) -> str:
+        value = row.get(name)
+        return "-" if value is None else estimated + _bytes(int(value))
+
+    return [
+        row["name"],
+        f"{row['parameters']:,}",
+        count("depth"),
+        count("poly_modulus_degree"),
+        "-" if not bits else str(len(bits) - 1),
+        count("rotations"),
+        count("galois_keys"),
+        size("public_key_bytes"),
+        size("request_bytes"),
+        _seconds(row.get("server_seconds")),
+        "-" if error is None else f"{error:.1e}",
+        "-" if agreement is None else f"{agreement:.0%} of {row['samples']}",
+        _short_reason(row),
+        "-" if expected is None else f"{expected:.1e}",
+    ]
+
+
+def scale_report(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> str:
+    """Return the scale series as a table (text or Markdown), notes and refusal reasons."""
+    columns = list(SCALE_COLUMNS)
+    body = [scale_cells(row) for row in rows]
+    if all(row.get("expected_max_logit_error") is None for row in rows):
+        columns.pop()
+        body = [cells[:-1] for cells in body]
+    header = [name for name, _ in columns]
+    if markdown:
+        align = ["---" if a == "<" else "--:" for _, a in columns]
+        lines = [header, align, *body]
+        table = "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+    else:
+        widths = [max(len(c[i]) for c in [header, *body]) for i in range(len(header))]
+        table = "\n".join(
+            "  ".join(
+                f"{cell:{align}{width}}"
+                for cell, (_, align), width in zip(cells, columns, widths, strict=True)
+            ).rstrip()
+            for cells in [header, ["-" * w for w in widths], *body]
+        )
+    bullet = "- " if markdown else "  "
+    reasons = [
+        f"{bullet}{row['name']}: {_one_line(str(row['reason']))}"
+        for row in rows
+        if row.get("reason")
+    ]
+    parts = [table]
+    if not markdown:
+        parts += ["", *SCALE_NOTES]
+    if reasons:
+        parts += ["", "Not served:", *reasons]
+    return "\n".join(parts)
+
+
+def plot_scale(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Write key bytes and server time against the number of weights (log scales) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"mlp": "o", "cnn": "s", "residual": "^"}
+    colours = {"mlp": "tab:blue", "cnn": "tab:orange", "residual": "tab:green"}
+    figure, (keys_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for row in rows:
+        family = str(row.get("family", "mlp"))
+        style = {
+            "marker": markers.get(family, "o"),
+            "color": colours.get(family, "tab:gray"),
+            "markersize": 7,
+        }
+        served = row["status"] == "served"
+        if row.get("public_key_bytes") is not None:
+            keys_ax.plot(
+                row["parameters"],
+                row["public_key_bytes"] / 1e6,
+                linestyle="none",
+                markerfacecolor=style["color"] if served else "none",
+                **style,
+            )
+            keys_ax.annotate(
+                row["name"], (row["parameters"], row["public_key_bytes"] / 1e6), fontsize=6,
+                xytext=(3, 3), textcoords="offset points",
+            )  # fmt: skip
+        if served and row.get("server_seconds") is not None:
+            time_ax.plot(row["parameters"], row["server_seconds"] * 1e3, linestyle="none", **style)
+            time_ax.annotate(
+                row["name"], (row["parameters"], row["server_seconds"] * 1e3), fontsize=6,
+                xytext=(3, 3), textcoords="offset points",
+            )  # fmt: skip
+    budgets = {row["key_budget_bytes"] for row in rows if row.get("key_budget_bytes")}
+    for budget in sorted(budgets):
+        keys_ax.axhline(budget / 1e6, color="tab:red", linestyle="--", linewidth=1)
+        keys_ax.annotate(
+            f"key budget {budget / 2**20:.0f} MiB", (0.99, budget / 1e6), fontsize=7,
+            color="tab:red", xycoords=("axes fraction", "data"), xytext=(0, -9),
+            textcoords="offset points", horizontalalignment="right",
+        )  # fmt: skip
+    for ax, label in ((keys_ax, "public keys (MB)"), (time_ax, "server time per sample (ms)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("weights of the converted network")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", linewidth=0.3)
+    keys_ax.set_title("Public keys (hollow: not served; refused: the plan's figure)", fontsize=10)
+    time_ax.set_title("Server evaluation of one sample (served networks)", fontsize=10)
+    handles = [
+        plt.Line2D([], [], marker=markers[f], color=colours[f], linestyle="none", label=f)
+        for f in markers
+    ]
+    time_ax.legend(handles=handles, fontsize=8, loc="best")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def show_scale(json_path: Path, status: int, *, plot: Path | None, markdown: bool) -> int:
+    """Print the scale series of a --benchmark-json file (and plot it); return the status."""
+    document = _read(json_path)
+    if document is None:
+        return status or 1
+    rows = document.get("scale", [])
+    if not rows:
+        print("no scale series in this file (run with --scale)", file=sys.stderr)
+        return status or 1
+    print()
+    print(scale_report(rows, markdown=markdown))
+    if plot is not None:
+        plot_scale(rows, plot)
+        print(f"\nplot written to {plot}")
     if status != 0:
         print(f"\nthe benchmark run failed (pytest exit status {status})", file=sys.stderr)
     return status

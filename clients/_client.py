@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 
 from clients._crypto import KeySet
-from clients._errors import ContextNotFoundError, TransportError, error_from_response
+from clients._errors import (
+    ContextNotFoundError,
+    HEClientError,
+    KeysTooLargeError,
+    TransportError,
+    error_from_response,
+)
 from he_service.protocol import (
     CONTEXT_HEADER,
     MEDIA_TYPE,
     ModelCard,
-    decode_batch,
+    PlanCard,
+    PlanKind,
+    Task,
     decode_frames,
-    decode_output,
-    encode_batch,
     encode_frames,
-    encode_input,
+    framed_size,
     preprocess,
 )
 
@@ -106,7 +113,11 @@ class HEClient:
         self._request("DELETE", f"/v1/contexts/{context_id}")
 
     def model(
-        self, name: str, *, plan: str = "latency", keys: KeySet | Path | str | None = None
+        self,
+        name: str,
+        *,
+        plan: PlanKind | str = PlanKind.LATENCY,
+        keys: KeySet | Path | str | None = None,
     ) -> ModelSession:
         """Open a session for one plan of one model: read the card, make keys, upload them.
 
@@ -122,6 +133,8 @@ class HEClient:
 
         Raises:
             ProtocolError: the model does not offer this plan.
+            KeysTooLargeError: the plan's public keys exceed what the server accepts; raised
+                before any key is generated.
             ValueError: the given keys do not fit the plan.
         """
         card = self.card(name)
@@ -129,38 +142,93 @@ class HEClient:
         if isinstance(keys, str | Path):
             keys = KeySet.load(keys)
         if keys is None:
+            # Key generation can take minutes and gigabytes: first make sure they can be used.
+            _check_key_bytes(card, spec, spec.costs.public_key_bytes)
             keys = KeySet.generate(spec.ckks, spec.galois_steps)
         elif keys.params != spec.ckks or not set(spec.galois_steps) <= set(keys.galois_steps):
             raise ValueError(
-                f"the given keys do not fit the {plan} plan of model {name!r}: they were made "
-                "for other CKKS parameters or lack Galois steps"
+                f"the given keys do not fit the {spec.kind.value} plan of model {name!r}: they "
+                "were made for other CKKS parameters or lack Galois steps"
             )
-        session = ModelSession(self, card, plan, keys)
+        else:
+            _check_key_bytes(card, spec, len(keys.public_context))
+        session = ModelSession(self, card, spec.kind, keys)
         session.ensure_context()
         return session
 
     def predict_raw(
-        self, name: str, context_id: str, ciphertexts: list[bytes], *, plan: str = "latency"
+        self,
+        name: str,
+        context_id: str,
+        ciphertexts: list[bytes],
+        *,
+        plan: PlanKind | str = PlanKind.LATENCY,
     ) -> tuple[list[bytes], dict[str, float]]:
         """Post framed ciphertexts; returns the output ciphertexts and server stage seconds."""
         response = self._request(
             "POST",
             f"/v1/models/{name}/predict",
-            params={"plan": plan},
+            params={"plan": str(plan)},
             content=encode_frames(ciphertexts),
             headers={CONTEXT_HEADER: context_id, "Content-Type": MEDIA_TYPE},
         )
-        return decode_frames(response.content, max_items=len(ciphertexts)), _server_timing(
-            response.headers.get("Server-Timing", "")
+        return _outputs(response)
+
+    def create_upload(
+        self, name: str, context_id: str, *, plan: PlanKind | str = PlanKind.LATENCY
+    ) -> dict[str, Any]:
+        """Open an upload for a request too large for one body; returns its description.
+
+        The answer holds ``upload_id``, ``expires_at``, ``max_part_bytes`` and
+        ``max_ciphertexts``. Send the ciphertexts with ``upload_part``, then ask for the
+        prediction with ``predict_upload``.
+        """
+        response = self._request(
+            "POST",
+            f"/v1/models/{name}/uploads",
+            params={"plan": str(plan)},
+            headers={CONTEXT_HEADER: context_id},
         )
+        result: dict[str, Any] = response.json()
+        return result
+
+    def upload_part(self, upload_id: str, index: int, ciphertexts: list[bytes]) -> dict[str, Any]:
+        """Send part ``index`` (from 0, without gaps) of an upload; sending it again replaces it."""
+        response = self._request(
+            "PUT",
+            f"/v1/uploads/{upload_id}/parts/{index}",
+            content=encode_frames(ciphertexts),
+            headers={"Content-Type": MEDIA_TYPE},
+        )
+        result: dict[str, Any] = response.json()
+        return result
+
+    def predict_upload(self, upload_id: str) -> tuple[list[bytes], dict[str, float]]:
+        """Evaluate an upload's ciphertexts (it is then deleted); same answer as ``predict_raw``."""
+        return _outputs(self._request("POST", f"/v1/uploads/{upload_id}/predict"))
+
+    def delete_upload(self, upload_id: str) -> None:
+        """Abandon an upload and free its staged parts."""
+        self._request("DELETE", f"/v1/uploads/{upload_id}")
+
+
+T = TypeVar("T")
 
 
 class ModelSession:
-    """Keys and card for one plan of one model; encrypts, sends, decrypts."""
+    """Keys and card for one plan of one model; encrypts, sends, decrypts.
 
-    def __init__(self, client: HEClient, card: ModelCard, plan: str, keys: KeySet) -> None:
-        self.client, self.card, self.plan, self.keys = client, card, plan, keys
+    Requests follow the card: as many units (samples, or batch groups) per request as its
+    ``limits`` allow, counted in samples and in bytes; a unit larger than one request body is
+    sent as an upload in parts. No request the session makes exceeds a limit of the card.
+    """
+
+    def __init__(
+        self, client: HEClient, card: ModelCard, plan: PlanKind | str, keys: KeySet
+    ) -> None:
+        self.client, self.card, self.keys = client, card, keys
         self.spec = card.plan(plan)
+        self.plan = self.spec.kind
         self.context_id = ""
         self.last_timings: dict[str, float] = {}
 
@@ -181,98 +249,187 @@ class ModelSession:
         return context_id
 
     def encrypt(self, x: np.ndarray) -> list[bytes]:
-        """Preprocess, encode and encrypt one raw sample as the latency plan's card says."""
+        """Preprocess, encode and encrypt one raw sample: the ciphertexts of its unit."""
         sample = preprocess(x, self.card.preprocessing, self.card.input_shape)
-        return [self.keys.encrypt(v) for v in encode_input(sample, self.spec.input_encoding)]
+        (vectors,) = self.spec.input_encoding.units(sample[None])
+        return [self.keys.encrypt(v) for v in vectors]
 
     def decrypt(self, ciphertext: bytes) -> np.ndarray:
-        """Decrypt and decode one latency-plan output ciphertext into the model's outputs."""
-        return decode_output(self.keys.decrypt(ciphertext), self.spec.output_decoding)
+        """Decrypt and decode one sample's output ciphertext (latency plan) into its outputs."""
+        return self.spec.output_decoding.decode([self.keys.decrypt(ciphertext)], 1)[0]
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Return the decrypted outputs (logits) for one raw sample."""
+        """Return the decrypted outputs (logits or values) for one raw sample."""
         return self.predict_many(np.asarray(x)[None, ...])[0]
 
     def predict_many(self, xs: np.ndarray) -> np.ndarray:
         """Return decrypted outputs for any number of samples, one row per sample.
 
-        The latency plan sends up to the card's limit of samples per request, each as its own
-        ciphertexts; the batch plan packs one sample per slot, so thousands of samples share
-        each ciphertext, and splits the rows into full ciphertext groups.
+        The latency plan sends each sample as its own ciphertexts, the batch plan one sample
+        per slot (thousands of samples per group of ciphertexts); either way requests are
+        split by the card's sample and byte limits.
         """
         samples = np.asarray(xs)
         if len(samples) == 0:
             raise ValueError("predict_many needs at least one sample")
         timings: dict[str, float] = {}
-        if self.plan == "batch":
-            result = self._predict_batch(samples, timings)
-        else:
-            rows: list[np.ndarray] = []
-            for chunk in _chunks(samples, self.spec.max_samples_per_request):
-                start = time.perf_counter()
-                ciphertexts = [ct for x in chunk for ct in self.encrypt(x)]
-                _add(timings, "encrypt", time.perf_counter() - start)
-                outputs = self._timed_post(ciphertexts, timings)
-                start = time.perf_counter()
-                rows.extend(self.decrypt(ct) for ct in outputs)
-                _add(timings, "decrypt", time.perf_counter() - start)
-            result = np.stack(rows)
-        self.last_timings = timings
-        return result
-
-    def _predict_batch(self, samples: np.ndarray, timings: dict[str, float]) -> np.ndarray:
-        slots = self.spec.ckks.slot_count
-        outputs_per_group = int(self.spec.output_decoding["outputs"])
         start = time.perf_counter()
-        groups = encode_batch(
-            np.stack(
-                [preprocess(x, self.card.preprocessing, self.card.input_shape) for x in samples]
-            ),
-            slots,
+        prepared = np.stack(
+            [preprocess(x, self.card.preprocessing, self.card.input_shape) for x in samples]
         )
+        units = self.spec.input_encoding.units(prepared)
         _add(timings, "encode", time.perf_counter() - start)
-        per_request = max(1, self.spec.max_samples_per_request // slots)
-        decrypted: list[np.ndarray] = []
-        for first in range(0, len(groups), per_request):
-            chunk = groups[first : first + per_request]
+        spec, limits = self.spec, self.spec.limits
+        unit_bytes = framed_size(
+            spec.input_encoding.ciphertexts_per_unit, spec.costs.request_bytes_per_unit
+        )
+        per_request = max(1, limits.max_samples_per_request // spec.samples_per_unit)
+        rows: list[np.ndarray] = []
+        pending: list[bytes] = []
+        pending_samples = pending_units = 0
+        left = len(samples)
+        for vectors in units:
+            in_unit = min(spec.samples_per_unit, left)
+            left -= in_unit
+            if unit_bytes > limits.max_request_bytes:
+                rows.append(self._predict_in_parts(vectors, in_unit, timings))
+                continue
             start = time.perf_counter()
-            ciphertexts = [self.keys.encrypt(row) for group in chunk for row in group]
+            ciphertexts = [self.keys.encrypt(v) for v in vectors]
             _add(timings, "encrypt", time.perf_counter() - start)
-            outputs = self._timed_post(ciphertexts, timings)
-            start = time.perf_counter()
-            for g in range(len(chunk)):
-                block = outputs[g * outputs_per_group : (g + 1) * outputs_per_group]
-                decrypted.append(np.stack([self.keys.decrypt(ct) for ct in block]))
-            _add(timings, "decrypt", time.perf_counter() - start)
-        return decode_batch(decrypted, len(samples))
+            size = framed_size(
+                len(pending) + len(ciphertexts), sum(map(len, pending + ciphertexts))
+            )
+            if pending_units and (pending_units == per_request or size > limits.max_request_bytes):
+                rows.append(self._predict_body(pending, pending_samples, timings))
+                pending, pending_samples, pending_units = [], 0, 0
+            pending += ciphertexts
+            pending_samples += in_unit
+            pending_units += 1
+        if pending:
+            rows.append(self._predict_body(pending, pending_samples, timings))
+        self.last_timings = timings
+        return np.concatenate(rows)
 
-    def _timed_post(self, ciphertexts: list[bytes], timings: dict[str, float]) -> list[bytes]:
+    def classify(self, x: np.ndarray) -> str:
+        """Return the label of the largest decrypted output.
+
+        Raises:
+            ValueError: the model is a regression: it predicts values, not classes.
+        """
+        if self.card.task != Task.CLASSIFICATION:
+            raise ValueError(
+                f"model {self.card.name!r} is a {self.card.task.value} model: it predicts "
+                f"{', '.join(self.card.labels)}, not a class; use predict() for the values"
+            )
+        return self.card.labels[int(np.argmax(self.predict(x)))]
+
+    def _predict_body(
+        self, ciphertexts: list[bytes], samples: int, timings: dict[str, float]
+    ) -> np.ndarray:
+        """Send one request body; return the decoded outputs of its ``samples`` samples."""
+        name, plan = self.card.name, self.plan
+        outputs = self._timed(
+            lambda: self.client.predict_raw(name, self.context_id, ciphertexts, plan=plan),
+            timings,
+        )
+        return self._decode(outputs, samples, timings)
+
+    def _predict_in_parts(
+        self, vectors: Iterable[np.ndarray], samples: int, timings: dict[str, float]
+    ) -> np.ndarray:
+        """Send one unit as an upload in parts, encrypting as it goes; decode its outputs."""
+        name, plan, limit = self.card.name, self.plan, self.spec.limits.max_part_bytes
+        upload = self._with_context(
+            lambda: self.client.create_upload(name, self.context_id, plan=plan)
+        )
+        upload_id = upload["upload_id"]
+        try:
+            part: list[bytes] = []
+            index = 0
+            for vector in vectors:
+                start = time.perf_counter()
+                ciphertext = self.keys.encrypt(vector)
+                _add(timings, "encrypt", time.perf_counter() - start)
+                if (
+                    part
+                    and framed_size(len(part) + 1, sum(map(len, part)) + len(ciphertext)) > limit
+                ):
+                    self._timed_part(upload_id, index, part, timings)
+                    part, index = [], index + 1
+                part.append(ciphertext)
+            self._timed_part(upload_id, index, part, timings)
+            outputs = self._timed(lambda: self.client.predict_upload(upload_id), timings)
+        except BaseException:
+            # Free the server's staging area now rather than when the upload expires.
+            with contextlib.suppress(HEClientError):
+                self.client.delete_upload(upload_id)
+            raise
+        return self._decode(outputs, samples, timings)
+
+    def _timed_part(
+        self, upload_id: str, index: int, part: list[bytes], timings: dict[str, float]
+    ) -> None:
         start = time.perf_counter()
-        outputs, server = self._post(ciphertexts)
+        self.client.upload_part(upload_id, index, part)
+        _add(timings, "request", time.perf_counter() - start)
+
+    def _timed(
+        self, call: Callable[[], tuple[list[bytes], dict[str, float]]], timings: dict[str, float]
+    ) -> list[bytes]:
+        start = time.perf_counter()
+        outputs, server = self._with_context(call)
         _add(timings, "request", time.perf_counter() - start)
         for stage, seconds in server.items():
             _add(timings, f"server_{stage}", seconds)
         return outputs
 
-    def _post(self, ciphertexts: list[bytes]) -> tuple[list[bytes], dict[str, float]]:
+    def _decode(self, outputs: list[bytes], samples: int, timings: dict[str, float]) -> np.ndarray:
+        start = time.perf_counter()
+        decoded = self.spec.output_decoding.decode(
+            [self.keys.decrypt(ct) for ct in outputs], samples
+        )
+        _add(timings, "decrypt", time.perf_counter() - start)
+        return decoded
+
+    def _with_context(self, call: Callable[[], T]) -> T:
+        """Run ``call``; if the server lost the context (expired, evicted), upload it once more."""
         try:
-            return self.client.predict_raw(
-                self.card.name, self.context_id, ciphertexts, plan=self.plan
-            )
-        except ContextNotFoundError:  # expired or evicted: upload again, once
+            return call()
+        except ContextNotFoundError:
             self.context_id = self.client.upload_context(self.keys.public_context)
-            return self.client.predict_raw(
-                self.card.name, self.context_id, ciphertexts, plan=self.plan
-            )
-
-    def classify(self, x: np.ndarray) -> str:
-        """Return the label of the largest decrypted output."""
-        return self.card.labels[int(np.argmax(self.predict(x)))]
+            return call()
 
 
-def _chunks(samples: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(samples), size):
-        yield samples[start : start + size]
+def _check_key_bytes(card: ModelCard, spec: PlanCard, needed: int) -> None:
+    """Refuse keys the server would refuse, before making or uploading them."""
+    limit = spec.limits.max_context_bytes
+    if needed <= limit:
+        return
+    others = [
+        f"plan={other.kind.value!r} ({_mib(other.costs.public_key_bytes)} of keys)"
+        for other in card.plans.values()
+        if other.kind != spec.kind
+        and other.costs.public_key_bytes <= other.limits.max_context_bytes
+    ]
+    instead = f"Use {' or '.join(others)}, or ask" if others else "Ask"
+    raise KeysTooLargeError(
+        f"the {spec.kind.value} plan of model {card.name!r} needs {_mib(needed)} of public keys "
+        f"({spec.costs.galois_keys} Galois keys), but this server accepts contexts of at most "
+        f"{_mib(limit)}; no keys were made. {instead} the operator to raise "
+        "HE_SERVICE_MAX_CONTEXT_BYTES (and KEY_STORE_MAX_BYTES), or rebuild the model with a "
+        "smaller key budget (he-models convert --key-budget)",
+        details={"needed": needed, "limit": limit},
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _outputs(response: httpx.Response) -> tuple[list[bytes], dict[str, float]]:
+    outputs = decode_frames(response.content, max_items=max(1, len(response.content) // 8))
+    return outputs, _server_timing(response.headers.get("Server-Timing", ""))
 
 
 def _add(timings: dict[str, float], key: str, seconds: float) -> None:

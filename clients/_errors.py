@@ -8,6 +8,7 @@ __all__ = [
     "BadRequestError",
     "ContextNotFoundError",
     "HEClientError",
+    "KeysTooLargeError",
     "ModelNotFoundError",
     "NotFoundError",
     "ParameterMismatchError",
@@ -61,6 +62,13 @@ class ParameterMismatchError(HEClientError):
 
 class PayloadTooLargeError(HEClientError):
     """413: the body exceeds the service's limit."""
+
+
+class KeysTooLargeError(PayloadTooLargeError):
+    """The plan's public keys exceed what the server accepts; raised before making them.
+
+    ``details`` holds ``needed`` and ``limit`` in bytes.
+    """
 
 
 class AuthenticationError(HEClientError):

@@ -16,6 +16,7 @@ import numpy as np
 
 from clients._client import HEClient, ModelSession
 from clients._errors import HEClientError
+from he_service.protocol import Task
 
 __all__ = ["load_sample", "main"]
 
@@ -49,12 +50,20 @@ def load_sample(path: Path, shape: tuple[int, ...], *, invert: bool = False) -> 
 
 
 def _print_prediction(
-    session: ModelSession, path: Path, logits: np.ndarray, truth: str | None = None
+    session: ModelSession, path: Path, outputs: np.ndarray, truth: str | None = None
 ) -> None:
-    label = session.card.labels[int(np.argmax(logits))]
-    known = "" if truth is None else f" (true digit {truth})"
-    print(f"{path.name}: predicted class {label}{known}")
-    print("  logits: " + " ".join(f"{v:.3f}" for v in logits))
+    """Print a class and its scores (classification) or named values (regression)."""
+    card = session.card
+    if card.task == Task.REGRESSION:
+        values = ", ".join(
+            f"{name} = {value:.4g}" for name, value in zip(card.labels, outputs, strict=True)
+        )
+        print(f"{path.name}: predicted {values}")
+    else:
+        label = card.labels[int(np.argmax(outputs))]
+        known = "" if truth is None else f" (true digit {truth})"
+        print(f"{path.name}: predicted class {label}{known}")
+        print("  logits: " + " ".join(f"{v:.3f}" for v in outputs))
     stages = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in session.last_timings.items())
     print(f"  timings: {stages}")
 

@@ -5,46 +5,39 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import tenseal.sealapi as seal
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from he_service import __version__
 from he_service.auth import ANONYMOUS, TokenTable
 from he_service.config import Config
-from he_service.engine import EvaluationError, Timings
+from he_service.engine import Timings
+from he_service.error_table import ERROR_TABLE, to_service_error
 from he_service.errors import (
     BadRequest,
     ContextNotFound,
     InternalError,
     MethodNotAllowed,
-    ModelNotFound,
-    ParameterMismatch,
     PayloadTooLarge,
     RouteNotFound,
     ServiceError,
-    TooManyRequests,
     Unauthorized,
+    UnknownUpload,
 )
-from he_service.keystore import KeyStore
+from he_service.keystore import KeyStore, StoredContext
 from he_service.observability import Metrics, init_app
 from he_service.openapi import openapi_document
-from he_service.protocol import (
-    CONTEXT_HEADER,
-    MEDIA_TYPE,
-    ProtocolError,
-    decode_frames,
-    encode_frames,
-    load_seal,
-    save_seal,
-)
+from he_service.protocol import CONTEXT_HEADER, MEDIA_TYPE
+from he_service.protocol.framing import frame_count
 from he_service.quotas import Quotas
-from he_service.registry import LoadedModel, ModelRegistry
+from he_service.registry import ModelRegistry
+from he_service.serving import ServedPlan
+from he_service.uploads import UploadInfo, Uploads
 
 __all__ = ["create_app"]
 
@@ -64,21 +57,18 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
 
     Raises:
         RegistryError: the models directory holds no servable artifact.
+        NotReady, StagingUnavailable: the context store or the upload staging area cannot be
+            created.
     """
     if not isinstance(config, Config):
         config = Config.load(config)
-    registry = ModelRegistry.from_directory(
-        config.models_dir,
-        max_samples={
-            "latency": config.max_samples("latency"),
-            "batch": config.max_samples("batch"),
-        },
-    )
+    registry = ModelRegistry.from_directory(config.models_dir, config)
     tokens = TokenTable.parse(config.api_tokens)
     service = _Service(
         config=config,
         registry=registry,
         store=KeyStore.from_config(config, accepts=registry.accepts),
+        uploads=Uploads.from_config(config),
         tokens=tokens,
         # Quotas are per token: the tokenless quick start has no principal to charge.
         quotas=(
@@ -90,9 +80,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
     )
     service.metrics.key_store_stats = service.store.stats
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = max(
-        config.max_context_bytes, config.max_predict_bytes, config.max_batch_bytes
-    )
+    app.config["MAX_CONTENT_LENGTH"] = config.max_any_body_bytes
     app.extensions["he_service"] = service
     init_app(app, service.metrics)
     app.before_request(_authenticate)
@@ -108,6 +96,7 @@ class _Service:
     config: Config
     registry: ModelRegistry
     store: KeyStore
+    uploads: Uploads
     tokens: TokenTable
     quotas: Quotas | None  # None when API tokens are off
     metrics: Metrics
@@ -159,14 +148,6 @@ def _read_body(limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
-def _model(name: str) -> LoadedModel:
-    registry = _service().registry
-    model = registry.get(name)
-    if model is None:
-        raise ModelNotFound(name, registry.names())
-    return model
-
-
 def _context_id(value: str | None) -> str:
     if not value:
         raise BadRequest(f"missing {CONTEXT_HEADER} header; upload keys with POST /v1/contexts")
@@ -175,22 +156,69 @@ def _context_id(value: str | None) -> str:
     return value
 
 
+def _keys(plan: ServedPlan, context_id: str) -> StoredContext:
+    """Return the caller's stored context, checked against the plan."""
+    keys = _service().store.get(_owner(), context_id)
+    if keys is None:
+        raise ContextNotFound(context_id)
+    plan.check_keys(keys)
+    return keys
+
+
+def _predict(
+    plan: ServedPlan, keys: StoredContext, parts: Iterable[bytes], count: int, *, uploaded: bool
+) -> Response:
+    """Evaluate a request's ciphertexts (one body, or an upload's parts) and answer them."""
+    samples = plan.check_count(count, uploaded=uploaded)
+    quotas = _service().quotas
+    if quotas is not None:
+        quotas.charge_samples(_owner(), samples)
+    timings = Timings()
+    inputs = plan.read(parts, count, timings)
+    start = time.perf_counter()
+    outputs = plan.run(inputs, keys, timings)
+    _service().metrics.observe_evaluation(plan.model, plan.kind, time.perf_counter() - start)
+    response = Response(plan.answer(outputs, timings), status=200, mimetype=MEDIA_TYPE)
+    response.headers["Server-Timing"] = ", ".join(
+        f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in timings.stages.items()
+    )
+    return response
+
+
+def _upload_json(info: UploadInfo, plan: ServedPlan) -> dict[str, Any]:
+    return {
+        "upload_id": info.upload_id,
+        "expires_at": datetime.fromtimestamp(info.expires_at, UTC).isoformat(),
+        "parts": len(info.parts),
+        "ciphertexts": info.ciphertexts,
+        "max_ciphertexts": plan.max_upload_ciphertexts,
+        "max_part_bytes": _service().config.max_part_bytes,
+    }
+
+
 def _register_routes(app: Flask) -> None:
     @app.get("/v1/health")
     def health() -> Response:
         registry, store = _service().registry, _service().store
         return jsonify(
-            status="ok", version=__version__, models=registry.names(), contexts=len(store)
+            status="degraded" if registry.refused else "ok",
+            version=__version__,
+            models=registry.names(),
+            refused=registry.refused,
+            contexts=len(store),
         )
 
     @app.get("/v1/models")
     def list_models() -> Response:
         registry = _service().registry
-        return jsonify(models=[m.summary() for m in registry])
+        return jsonify(
+            models=[m.summary() for m in registry],
+            refused=[{"name": name, "reason": why} for name, why in registry.refused.items()],
+        )
 
     @app.get("/v1/models/<name>")
     def model_card(name: str) -> Response:
-        return jsonify(_model(name).card.to_json())
+        return jsonify(_service().registry.model(name).card.to_json())
 
     @app.post("/v1/contexts")
     def upload_context() -> tuple[Response, int]:
@@ -215,87 +243,55 @@ def _register_routes(app: Flask) -> None:
 
     @app.post("/v1/models/<name>/predict")
     def predict(name: str) -> Response:
-        config, store = _service().config, _service().store
-        model = _model(name)
-        kind = request.args.get("plan", "latency")
-        plan = model.plans.get(kind)
-        if plan is None:
-            raise BadRequest(f"model {name!r} offers plans {sorted(model.plans)}, not {kind!r}")
-        max_samples = config.max_samples(kind)
+        plan = _service().registry.model(name).plan(request.args.get("plan"))
         context_id = _context_id(request.headers.get(CONTEXT_HEADER))
-        data = _read_body(config.max_body_bytes(kind), "request body")
-        stored = store.get(_owner(), context_id)
-        if stored is None:
-            raise ContextNotFound(context_id)
-        if stored.params != plan.params:
-            raise ParameterMismatch(
-                f"context {context_id[:12]}… was made for other CKKS parameters than the "
-                f"{kind} plan of model {name!r}; make keys with the parameters of its card"
-            )
-        missing = stored.missing_steps(plan.galois_steps)
-        if missing:
-            raise ParameterMismatch(
-                f"the context lacks Galois keys for rotation steps {missing}", missing=missing
-            )
-        timings = Timings()
-        start = time.perf_counter()
-        max_units = -(-max_samples // plan.samples_per_unit)
-        try:
-            items = decode_frames(data, max_items=max(1, len(data) // 8))
-        except ProtocolError as exc:
-            raise BadRequest(str(exc)) from None
-        per_unit = plan.inputs_per_unit
-        if not items or len(items) % per_unit:
-            raise BadRequest(
-                f"the {kind} plan of {name!r} takes {per_unit} ciphertexts per "
-                f"{'sample' if plan.samples_per_unit == 1 else 'group of samples'}; "
-                f"got {len(items)}"
-            )
-        if len(items) // per_unit > max_units:
-            raise PayloadTooLarge(
-                f"a request of {len(items) // per_unit * plan.samples_per_unit} samples",
-                max_samples,
-                "samples",
-            )
-        units = []
-        for first in range(0, len(items), per_unit):
-            unit = []
-            for index in range(first, first + per_unit):
-                try:
-                    unit.append(
-                        load_seal(
-                            seal.Ciphertext,
-                            items[index],
-                            plan.context,
-                            what=f"input ciphertext {index}",
-                        )
-                    )
-                except ProtocolError as exc:
-                    raise BadRequest(str(exc)) from None
-            try:
-                plan.check(unit)
-            except EvaluationError as exc:
-                raise BadRequest(str(exc)) from None
-            units.append(unit)
-        timings.add("deserialize", time.perf_counter() - start)
-        quotas = _service().quotas
-        if quotas is not None:
-            quotas.charge_samples(_owner(), len(units) * plan.samples_per_unit)
-        start = time.perf_counter()
-        outputs = [
-            ct
-            for unit in units
-            for ct in plan.evaluate(unit, stored.relin_keys, stored.galois_keys, timings)
-        ]
-        _service().metrics.observe_evaluation(name, kind, time.perf_counter() - start)
-        start = time.perf_counter()
-        body = encode_frames([save_seal(ct) for ct in outputs])
-        timings.add("serialize", time.perf_counter() - start)
-        response = Response(body, status=200, mimetype=MEDIA_TYPE)
-        response.headers["Server-Timing"] = ", ".join(
-            f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in timings.stages.items()
+        body = _read_body(plan.max_request_bytes, "request body")
+        keys = _keys(plan, context_id)
+        return _predict(plan, keys, [body], frame_count(body), uploaded=False)
+
+    @app.post("/v1/models/<name>/uploads")
+    def create_upload(name: str) -> tuple[Response, int]:
+        plan = _service().registry.model(name).plan(request.args.get("plan"))
+        context_id = _context_id(request.headers.get(CONTEXT_HEADER))
+        _keys(plan, context_id)  # refuse now what the prediction would refuse after the parts
+        info = _service().uploads.create(
+            _owner(), model=plan.model, plan=plan.kind.value, context_id=context_id
         )
-        return response
+        return jsonify(_upload_json(info, plan)), 201
+
+    @app.put("/v1/uploads/<upload_id>/parts/<int:index>")
+    def upload_part(upload_id: str, index: int) -> Response:
+        service = _service()
+        # An unknown upload is refused before its body is received.
+        info = service.uploads.info(_owner(), upload_id)
+        plan = service.registry.model(info.model).plan(info.plan)
+        data = _read_body(service.config.max_part_bytes, "upload part")
+        count = plan.check_part(index, data)
+        info = service.uploads.put_part(
+            _owner(),
+            upload_id,
+            index,
+            data,
+            ciphertexts=count,
+            max_ciphertexts=plan.max_upload_ciphertexts,
+        )
+        return jsonify(_upload_json(info, plan))
+
+    @app.post("/v1/uploads/<upload_id>/predict")
+    def predict_upload(upload_id: str) -> Response:
+        uploads = _service().uploads
+        info = uploads.info(_owner(), upload_id)
+        plan = _service().registry.model(info.model).plan(info.plan)
+        # Missing keys can be uploaded again (same bytes, same id): the parts stay until then.
+        keys = _keys(plan, info.context_id)
+        with uploads.consume(_owner(), upload_id) as staged:
+            return _predict(plan, keys, uploads.parts(staged), staged.ciphertexts, uploaded=True)
+
+    @app.delete("/v1/uploads/<upload_id>")
+    def delete_upload(upload_id: str) -> Response:
+        if not _service().uploads.delete(_owner(), upload_id):
+            raise UnknownUpload(f"no upload {upload_id[:40]!r} to delete")
+        return Response(status=204)
 
     @app.get("/v1/openapi.json")
     def openapi() -> Response:
@@ -306,11 +302,18 @@ def _register_errors(app: Flask) -> None:
     @app.errorhandler(ServiceError)
     def service_error(error: ServiceError) -> tuple[Response, int]:
         response = jsonify(error.to_json())
-        if isinstance(error, TooManyRequests):
-            response.headers["Retry-After"] = str(error.retry_after)
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
         if isinstance(error, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Bearer realm="he-service"'  # RFC 6750
         return response, error.status
+
+    def domain_error(error: Exception) -> tuple[Response, int]:
+        return service_error(to_service_error(error))
+
+    for kind, _ in ERROR_TABLE:
+        app.register_error_handler(kind, domain_error)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> tuple[Response, int]:
@@ -323,7 +326,7 @@ def _register_errors(app: Flask) -> None:
             mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
         elif error.code == 413:
             config = _service().config
-            mapped = PayloadTooLarge("request body", config.max_context_bytes)
+            mapped = PayloadTooLarge("request body", config.max_any_body_bytes)
         else:
             mapped = BadRequest(error.description or "bad request")
             return jsonify(mapped.to_json()), error.code or 400

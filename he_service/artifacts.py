@@ -28,11 +28,17 @@ MAX_MANIFEST_BYTES = 1 << 20
 # Residual blocks nest; a bound keeps a hostile manifest from recursing without end.
 MAX_NESTING = 8
 MAX_LAYERS = 1024
+# What the outputs mean (manifest ``output.task``): scores whose argmax is the class, or the
+# predicted values themselves, named by ``output.labels``.
+TASKS = ("classification", "regression")
+DEFAULT_TASK = "classification"
 
 __all__ = [
+    "DEFAULT_TASK",
     "FORMAT",
     "FORMAT_VERSION",
     "READABLE_VERSIONS",
+    "TASKS",
     "Add",
     "ArtifactError",
     "Conv2d",
@@ -111,7 +117,11 @@ Layer = Conv2d | Linear | Poly | Flatten | Add
 
 @dataclass(frozen=True)
 class ModelArtifact:
-    """A checked model: layers with their weights and the manifest they came from."""
+    """A checked model: layers with their weights and the manifest they came from.
+
+    ``task`` is ``classification`` (the outputs are class scores, ``labels`` the classes) or
+    ``regression`` (the outputs are the predicted values, ``labels`` their names).
+    """
 
     name: str
     description: str
@@ -121,6 +131,7 @@ class ModelArtifact:
     labels: tuple[str, ...]
     manifest: dict[str, Any]
     path: Path
+    task: str = DEFAULT_TASK
 
     @property
     def output_size(self) -> int:
@@ -185,8 +196,15 @@ def load_artifact(path: Path | str) -> ModelArtifact:
     unused = sorted(set(weights) - parser.used)
     _expect(not unused, manifest_path, f"weights.npz holds arrays no layer uses: {unused}")
 
-    labels = _get(_get(manifest, "output", dict, manifest_path), "labels", list, manifest_path)
+    output = _get(manifest, "output", dict, manifest_path)
+    labels = _get(output, "labels", list, manifest_path)
     _expect(all(isinstance(x, str) for x in labels), manifest_path, "output.labels must be strings")
+    task = output.get("task", DEFAULT_TASK)
+    _expect(
+        task in TASKS,
+        manifest_path,
+        f"output.task must be one of {', '.join(map(repr, TASKS))}, got {task!r}",
+    )
     artifact = ModelArtifact(
         name=name,
         description=str(manifest.get("description", "")),
@@ -196,6 +214,7 @@ def load_artifact(path: Path | str) -> ModelArtifact:
         labels=tuple(labels),
         manifest=manifest,
         path=root,
+        task=task,
     )
     final = artifact.layer_shapes()[-1]
     _expect(

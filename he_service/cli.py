@@ -158,11 +158,10 @@ def _serve_waitress(args: argparse.Namespace, config: Config) -> int:
     from waitress.server import BaseWSGIServer, create_server
 
     from he_service.app import create_app
-    from he_service.registry import RegistryError
 
     try:
         app = create_app(config)
-    except (RegistryError, ValueError) as exc:
+    except _startup_errors() as exc:
         print(f"he-service: {exc}", file=sys.stderr)
         return 2
     socket_map: dict[int, Any] = {}
@@ -172,9 +171,7 @@ def _serve_waitress(args: argparse.Namespace, config: Config) -> int:
         host=args.host,
         port=args.port,
         threads=args.threads,
-        max_request_body_size=max(
-            config.max_context_bytes, config.max_predict_bytes, config.max_batch_bytes
-        ),
+        max_request_body_size=config.max_any_body_bytes,
         ident="he-service",
     )
     print(
@@ -277,11 +274,10 @@ def _serve_gunicorn(args: argparse.Namespace, config: Config) -> int:
 
         def load(self) -> Flask:
             from he_service.app import create_app
-            from he_service.registry import RegistryError
 
             try:
                 return create_app(config)
-            except (RegistryError, ValueError) as exc:
+            except _startup_errors() as exc:
                 log.error("cannot start a worker: %s", exc)
                 raise SystemExit(Arbiter.WORKER_BOOT_ERROR) from None
 
@@ -315,6 +311,16 @@ def _serve_gunicorn(args: argparse.Namespace, config: Config) -> int:
             return 2
         return code
     return 0
+
+
+def _startup_errors() -> tuple[type[Exception], ...]:
+    """Return what ``create_app`` raises for a problem of the setup (one line, exit 2)."""
+    from he_service.errors import ServiceError
+    from he_service.registry import RegistryError
+    from he_service.uploads import UploadError
+
+    # ServiceError: the context store is unusable (NotReady); UploadError: the staging area.
+    return (RegistryError, ValueError, ServiceError, UploadError)
 
 
 def _names(app: Flask) -> str:

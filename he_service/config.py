@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from he_service.protocol.plans import PlanKind
+
 __all__ = ["DEFAULT_MODELS_DIR", "Config"]
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models" / "artifacts"
@@ -30,6 +32,14 @@ class Config:
     # 784 ciphertexts (about 140 MB) for one full group of MNIST images.
     max_batch_samples: int = 8192
     max_batch_bytes: int = 512 << 20
+    # A unit (one batch group) larger than one body is uploaded in parts of at most this size
+    # (POST /v1/models/<name>/uploads), staged beside the contexts (disk or Redis) until the
+    # client asks for the prediction. Bounds: bytes staged in all, open uploads per caller,
+    # seconds an upload lives after its last part.
+    max_part_bytes: int = 64 << 20
+    uploads_max_bytes: int = 2 << 30
+    uploads_per_owner: int = 4
+    uploads_ttl_seconds: int = 900
     key_store_max_bytes: int = 4 << 30
     key_store_max_entries: int = 64
     key_store_ttl_seconds: int = 3600
@@ -48,13 +58,28 @@ class Config:
     sample_budget: int = 1_000_000
     sample_budget_seconds: int = 86400
 
-    def max_samples(self, plan: str) -> int:
-        """Return the most samples one predict request of this plan may carry."""
-        return self.max_batch_samples if plan == "batch" else self.max_samples_per_request
+    def max_samples(self, kind: PlanKind) -> int:
+        """Return the most samples one predict request of this plan kind may carry."""
+        return {
+            PlanKind.LATENCY: self.max_samples_per_request,
+            PlanKind.BATCH: self.max_batch_samples,
+        }[kind]
 
-    def max_body_bytes(self, plan: str) -> int:
-        """Return the largest predict body of this plan."""
-        return self.max_batch_bytes if plan == "batch" else self.max_predict_bytes
+    def max_body_bytes(self, kind: PlanKind) -> int:
+        """Return the largest predict body of this plan kind."""
+        return {PlanKind.LATENCY: self.max_predict_bytes, PlanKind.BATCH: self.max_batch_bytes}[
+            kind
+        ]
+
+    @property
+    def max_any_body_bytes(self) -> int:
+        """Return the largest body any route accepts (the HTTP servers' outer bound)."""
+        return max(
+            self.max_context_bytes,
+            self.max_predict_bytes,
+            self.max_batch_bytes,
+            self.max_part_bytes,
+        )
 
     @classmethod
     def load(

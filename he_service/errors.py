@@ -21,6 +21,7 @@ __all__ = [
     "ServiceError",
     "TooManyRequests",
     "Unauthorized",
+    "UnknownUpload",
 ]
 
 
@@ -54,11 +55,17 @@ class RouteNotFound(ServiceError):
 
 
 class ModelNotFound(ServiceError):
+    """No model of that name, or one the server refused to serve (``reason`` says why)."""
+
     status, code = 404, "model_not_found"
 
-    def __init__(self, name: str, known: list[str]) -> None:
+    def __init__(self, name: str, known: list[str], reason: str | None = None) -> None:
         shown = name if len(name) <= 80 else name[:80] + "…"  # never echo a huge path back
-        super().__init__(f"no model named {shown!r}; served models: {', '.join(known) or 'none'}")
+        if reason is None:
+            message = f"no model named {shown!r}; served models: {', '.join(known) or 'none'}"
+        else:
+            message = f"model {shown!r} is not served: {reason}"
+        super().__init__(message)
 
 
 class ContextNotFound(ServiceError):
@@ -69,6 +76,10 @@ class ContextNotFound(ServiceError):
             f"no context {context_id!r} (never uploaded, expired or evicted); "
             "upload it again with POST /v1/contexts"
         )
+
+
+class UnknownUpload(ServiceError):
+    status, code = 404, "upload_not_found"
 
 
 class MethodNotAllowed(ServiceError):
@@ -97,7 +108,16 @@ class TooManyRequests(ServiceError):
 
 
 class NotReady(ServiceError):
+    """A dependency (disk, Redis, memory) is not available now; retry, after ``retry_after``."""
+
     status, code = 503, "not_ready"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        if retry_after is None:
+            super().__init__(message)
+        else:
+            super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
 
 
 class InternalError(ServiceError):

@@ -1,25 +1,40 @@
-"""Load every artifact of a directory, compile it once, and serve its card."""
+"""Load every artifact of a directory, compile it once, and serve its card.
+
+An artifact the service cannot serve (bad manifest, engine refusal, over the key budget, a
+request that cannot fit the server's limits) is *refused*: logged once with the reason,
+reported by health and the model list, answered with 404 and the reason; the others are
+served. Only a directory where nothing is servable stops the service.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from he_service.artifacts import ArtifactError, ModelArtifact, load_artifact
+from he_service.config import Config
 from he_service.engine import CompileError, ParameterError, compile_model
-from he_service.protocol import CkksParams, ModelCard
-from he_service.serving import ServedPlan, serve_batch, serve_latency
+from he_service.protocol import CkksParams, ModelCard, PlanKind, ProtocolError, Task
+from he_service.serving import PlanRefused, ServedPlan, serve_plans
 
-__all__ = ["LoadedModel", "ModelRegistry", "RegistryError"]
+__all__ = ["LoadedModel", "ModelRegistry", "ModelUnavailable", "RegistryError"]
 
 log = logging.getLogger(__name__)
 
 
 class RegistryError(RuntimeError):
-    """The models directory cannot be served as it is; the message names the artifact."""
+    """The models directory cannot be served as it is; the message names the artifacts."""
+
+
+class ModelUnavailable(LookupError):
+    """No served model has this name; ``reason`` says why when the model was refused."""
+
+    def __init__(self, name: str, known: list[str], reason: str | None = None) -> None:
+        super().__init__(name)
+        self.name, self.known, self.reason = name, known, reason
 
 
 @dataclass(frozen=True)
@@ -27,62 +42,101 @@ class LoadedModel:
     """An artifact with its compiled plans (evaluators ready) and its public card."""
 
     artifact: ModelArtifact
-    plans: dict[str, ServedPlan]
+    plans: dict[PlanKind, ServedPlan]
     card: ModelCard
 
     @property
     def name(self) -> str:
         return self.artifact.name
 
+    def plan(self, kind: str | None) -> ServedPlan:
+        """Return the plan a request names (``None``: latency).
+
+        Raises:
+            ProtocolError: the model offers no plan of that name.
+        """
+        wanted = PlanKind.LATENCY.value if kind is None else kind
+        plan = next((plan for key, plan in self.plans.items() if key == wanted), None)
+        if plan is None:
+            shown = kind if kind is None or len(kind) <= 40 else kind[:40] + "…"
+            offered = sorted(k.value for k in self.plans)
+            raise ProtocolError(f"model {self.name!r} offers plans {offered}, not {shown!r}")
+        return plan
+
     def summary(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "description": self.artifact.description,
             "input_shape": list(self.artifact.input_shape),
+            "task": self.card.task.value,
             "labels": list(self.artifact.labels),
-            "plans": sorted(self.plans),
+            "plans": sorted(k.value for k in self.plans),
         }
 
 
 class ModelRegistry:
-    """The served models, by name."""
+    """The served models by name, and the refused ones with their reasons."""
 
-    def __init__(self, models: dict[str, LoadedModel]) -> None:
+    def __init__(self, models: dict[str, LoadedModel], refused: dict[str, str]) -> None:
         self._models = dict(sorted(models.items()))
+        self.refused = dict(sorted(refused.items()))
 
     @classmethod
-    def from_directory(cls, root: Path, *, max_samples: Mapping[str, int]) -> ModelRegistry:
+    def from_directory(cls, root: Path, config: Config) -> ModelRegistry:
         """Load, check and compile every artifact directory under ``root``.
 
+        Args:
+            root: the models directory (one artifact per subdirectory).
+            config: the server's limits, which the plans' request sizes must fit.
+
+        Returns:
+            The registry: every servable model, and the reason each other one was refused.
+
         Raises:
-            RegistryError: the directory is missing, empty, or holds a bad artifact.
+            RegistryError: the directory is missing or holds no servable artifact.
         """
         if not root.is_dir():
             raise RegistryError(f"models directory {root} does not exist")
         models: dict[str, LoadedModel] = {}
+        refused: dict[str, str] = {}
         for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             try:
                 artifact = load_artifact(path)
-                compiled = compile_model(artifact)
-                plans: dict[str, ServedPlan] = {
-                    "latency": serve_latency(compiled.latency),
-                    "batch": serve_batch(compiled.batch),
-                }
-            except (ArtifactError, CompileError, ParameterError) as exc:
-                raise RegistryError(f"refusing to serve {path}: {exc}") from None
-            models[artifact.name] = LoadedModel(
-                artifact, plans, _card(artifact, plans, max_samples)
-            )
+                plans = serve_plans(compile_model(artifact), config)
+                card = _card(artifact, plans)
+            except (ArtifactError, CompileError, ParameterError, PlanRefused, ProtocolError) as exc:
+                # Health is public: name the artifact's files relative to the models directory.
+                reason = " ".join(str(exc).replace(f"{root}/", "").split())
+                refused[path.name] = reason
+                log.warning("refusing to serve model %s: %s", path.name, reason)
+                continue
+            models[artifact.name] = LoadedModel(artifact, plans, card)
             log.info("loaded model %s with plans %s", artifact.name, sorted(plans))
         if not models:
-            raise RegistryError(f"no model artifacts in {root}; build one with `he-models train`")
-        return cls(models)
+            if not refused:
+                raise RegistryError(
+                    f"no model artifacts in {root}; build one with `he-models train`"
+                )
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in sorted(refused.items()))
+            raise RegistryError(f"no servable model in {root}: {reasons}")
+        return cls(models, refused)
 
     def names(self) -> list[str]:
         return list(self._models)
 
     def get(self, name: str) -> LoadedModel | None:
         return self._models.get(name)
+
+    def model(self, name: str) -> LoadedModel:
+        """Return a served model.
+
+        Raises:
+            ModelUnavailable: no such model, or it was refused (with the reason).
+        """
+        model = self._models.get(name)
+        if model is None:
+            raise ModelUnavailable(name, self.names(), self.refused.get(name))
+        return model
 
     def __iter__(self) -> Iterator[LoadedModel]:
         return iter(self._models.values())
@@ -101,15 +155,15 @@ class ModelRegistry:
         )
 
 
-def _card(
-    artifact: ModelArtifact, plans: Mapping[str, ServedPlan], max_samples: Mapping[str, int]
-) -> ModelCard:
+def _card(artifact: ModelArtifact, plans: dict[PlanKind, ServedPlan]) -> ModelCard:
     return ModelCard(
         name=artifact.name,
         description=artifact.description,
         input_shape=artifact.input_shape,
         preprocessing=artifact.preprocessing,
+        # Artifacts without a task (format 2 and older) are classifiers.
+        task=Task.parse(getattr(artifact, "task", Task.CLASSIFICATION.value)),
         labels=artifact.labels,
-        plans={kind: plan.card(max_samples[kind]) for kind, plan in plans.items()},
+        plans={kind: plan.card() for kind, plan in plans.items()},
         details={"training": artifact.manifest.get("training", {})},
     )

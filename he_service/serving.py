@@ -1,99 +1,425 @@
-"""A compiled plan as the predict route sees it: units of ciphertexts in, ciphertexts out.
+"""A compiled plan as the predict routes see it: read a request, check it, evaluate, answer.
 
-A *unit* is what one evaluation consumes: one sample's ciphertexts (latency plan) or one group
-of up to ``slot_count`` samples, one ciphertext per input feature (batch plan).
+A *unit* is what one evaluation consumes (``he_service.protocol.plans``): one sample's
+ciphertexts (latency) or one group of up to ``slot_count`` samples, one ciphertext per input
+feature (batch). ``ServedPlan`` holds everything both kinds share (limits, key checks, frame
+parsing, the card); one subclass per kind wraps its evaluator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import tenseal.sealapi as seal
 
-from he_service.engine import BatchEvaluator, BatchPlan, EncryptedEvaluator, Plan, Timings
-from he_service.protocol import CkksParams, PlanCard
+from he_service.config import Config
+from he_service.engine import (
+    BatchEvaluator,
+    BatchPlan,
+    CompiledModel,
+    EncryptedEvaluator,
+    Plan,
+    Timings,
+)
+from he_service.keystore import StoredContext
+from he_service.protocol import (
+    BatchDecoding,
+    BatchEncoding,
+    CkksParams,
+    GatherEncoding,
+    PlanCard,
+    PlanCosts,
+    PlanKind,
+    PlanLimits,
+    PrefixDecoding,
+    ProtocolError,
+    decode_frames,
+    encode_frames,
+    framed_size,
+    load_seal,
+    save_seal,
+)
+from he_service.protocol.card import InputEncoding, OutputDecoding
 
-__all__ = ["ServedPlan", "serve_batch", "serve_latency"]
+__all__ = [
+    "EncryptedRequest",
+    "KeysDoNotFit",
+    "PlanRefused",
+    "ServedBatch",
+    "ServedLatency",
+    "ServedPlan",
+    "TooManySamples",
+    "serve_plans",
+]
 
+log = logging.getLogger(__name__)
 Ciphertexts = list[seal.Ciphertext]
 
 
+class PlanRefused(ValueError):
+    """This server's limits leave no way to send the plan's requests; the model is refused."""
+
+
+class KeysDoNotFit(ValueError):
+    """A context made for other parameters, or lacking Galois keys the plan rotates by."""
+
+    def __init__(self, message: str, missing: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.missing = missing or []
+
+
+class TooManySamples(ValueError):
+    """A request of more units than the plan's limit allows."""
+
+    def __init__(self, samples: int, limit: int) -> None:
+        super().__init__(f"a request of {samples} samples exceeds the limit of {limit} samples")
+        self.samples, self.limit = samples, limit
+
+
 @dataclass(frozen=True)
-class ServedPlan:
-    """What the predict route needs from a plan, whatever its kind."""
+class EncryptedRequest:
+    """The units of a request, loaded into SEAL and checked against the plan."""
 
-    params: CkksParams
-    galois_steps: tuple[int, ...]
-    inputs_per_unit: int
-    samples_per_unit: int
-    context: seal.SEALContext
-    check: Callable[[Ciphertexts], None]  # raises EvaluationError for a bad unit
-    evaluate: Callable[[Ciphertexts, seal.RelinKeys, seal.GaloisKeys | None, Timings], Ciphertexts]
-    card: Callable[[int], PlanCard]  # the plan's card for a per-request sample limit
+    units: list[Ciphertexts]
 
 
-def serve_latency(plan: Plan) -> ServedPlan:
+class ServedPlan(ABC):
+    """One plan of one model: its card, its limits, and its request pipeline.
+
+    Args:
+        model: the model's name (for messages).
+        params: the plan's CKKS parameters.
+        galois_steps: the rotation steps the client makes Galois keys for.
+        input_encoding, output_decoding: how the client lays out inputs and reads outputs.
+        costs: key bytes and bytes per unit (upper bounds).
+        details: the engine's summary, published on the card.
+        config: the server's limits.
+
+    Raises:
+        PlanRefused: one unit exceeds the body limit and the kind cannot send it in parts, or
+            one ciphertext exceeds the part limit.
+    """
+
+    kind: ClassVar[PlanKind]
+    context: seal.SEALContext  # input ciphertexts are loaded with it; set by each kind
+    # Whether a unit larger than one request body may be uploaded in parts.
+    sends_units_in_parts: ClassVar[bool]
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        params: CkksParams,
+        galois_steps: tuple[int, ...],
+        input_encoding: InputEncoding,
+        output_decoding: OutputDecoding,
+        costs: PlanCosts,
+        details: dict[str, Any],
+        config: Config,
+    ) -> None:
+        self.model, self.params, self.galois_steps = model, params, galois_steps
+        self.inputs_per_unit = input_encoding.ciphertexts_per_unit
+        self.samples_per_unit = input_encoding.samples_per_unit
+        # One fresh input ciphertext, the largest a client may send (unseeded, all primes).
+        self.max_ciphertext_bytes = params.ciphertext_bytes()
+        self.max_units, self.max_upload_units = self._unit_limits(costs, config)
+        self._config_samples = config.max_samples(self.kind)
+        self.max_request_bytes = config.max_body_bytes(self.kind)
+        limits = PlanLimits(
+            max_samples_per_request=min(
+                self._config_samples, self.max_units * self.samples_per_unit
+            ),
+            max_request_bytes=self.max_request_bytes,
+            # The key store also refuses a context whose loaded (unseeded) keys, twice their
+            # uploaded bytes, exceed its bound.
+            max_context_bytes=min(config.max_context_bytes, config.key_store_max_bytes // 2),
+            max_part_bytes=config.max_part_bytes,
+        )
+        if costs.public_key_bytes > limits.max_context_bytes:
+            log.warning(
+                "the %s plan of model %s needs %d bytes of public keys, above the %d bytes a "
+                "context may have here: no client can use it",
+                self.kind.value,
+                model,
+                costs.public_key_bytes,
+                limits.max_context_bytes,
+            )
+        self._card = PlanCard(
+            kind=self.kind,
+            ckks=params,
+            galois_steps=galois_steps,
+            input_encoding=input_encoding,
+            output_decoding=output_decoding,
+            limits=limits,
+            costs=costs,
+            details=details,
+        )
+
+    def _unit_limits(self, costs: PlanCosts, config: Config) -> tuple[int, int]:
+        """Return the most units of one request body and of one upload."""
+        per_unit = framed_size(self.inputs_per_unit, costs.request_bytes_per_unit) - framed_size(
+            0, 0
+        )
+        in_body = (config.max_body_bytes(self.kind) - framed_size(0, 0)) // per_unit
+        configured = -(-config.max_samples(self.kind) // self.samples_per_unit)
+        if in_body >= 1:
+            return min(configured, in_body), configured
+        unit = "sample" if self.samples_per_unit == 1 else "group"
+        what = f"one {unit} of the {self.kind.value} plan"
+        if not self.sends_units_in_parts:
+            raise PlanRefused(
+                f"{what} is up to {per_unit} bytes, above the {config.max_body_bytes(self.kind)}"
+                f"-byte request limit; raise the body limit or make the model's input smaller"
+            )
+        if framed_size(1, self.max_ciphertext_bytes) > config.max_part_bytes:
+            raise PlanRefused(
+                f"{what} is sent in parts, but one ciphertext is up to "
+                f"{self.max_ciphertext_bytes} bytes, above the {config.max_part_bytes}-byte "
+                "part limit (max_part_bytes)"
+            )
+        # Only uploads can carry such units, and their bodies are bounded part by part.
+        return configured, configured
+
+    def card(self) -> PlanCard:
+        """Return the plan's card: parameters, encodings, limits, costs."""
+        return self._card
+
+    def check_keys(self, keys: StoredContext) -> None:
+        """Refuse a context that cannot evaluate this plan.
+
+        Raises:
+            KeysDoNotFit: other parameters, or Galois keys missing for some rotation steps.
+        """
+        if keys.params != self.params:
+            raise KeysDoNotFit(
+                f"context {keys.context_id[:12]}… was made for other CKKS parameters than the "
+                f"{self.kind.value} plan of model {self.model!r}; make keys with the parameters "
+                "of its card"
+            )
+        missing = keys.missing_steps(self.galois_steps)
+        if missing:
+            raise KeysDoNotFit(
+                f"the context lacks Galois keys for rotation steps {missing}", missing=missing
+            )
+
+    @property
+    def max_upload_ciphertexts(self) -> int:
+        """Return the most ciphertexts the parts of one upload may hold."""
+        return self.max_upload_units * self.inputs_per_unit
+
+    def check_part(self, index: int, part: bytes) -> int:
+        """Check one uploaded part's index, framing and ciphertext sizes; return its count.
+
+        Raises:
+            ProtocolError: an index beyond any upload, not a framed message, more ciphertexts
+                than one upload may hold, or a ciphertext larger than a fresh one can be.
+        """
+        limit = self.max_upload_ciphertexts
+        if index >= limit:  # every part holds at least one ciphertext
+            raise ProtocolError(
+                f"part index {index} is beyond the {limit} parts an upload may have"
+            )
+        items = decode_frames(part, max_items=limit)
+        for number, item in enumerate(items):
+            if len(item) > self.max_ciphertext_bytes:
+                raise ProtocolError(
+                    f"ciphertext {number} of part {index} is {len(item)} bytes; a fresh "
+                    f"ciphertext of this plan is at most {self.max_ciphertext_bytes}"
+                )
+        return len(items)
+
+    def check_count(self, count: int, *, uploaded: bool = False) -> int:
+        """Check that ``count`` ciphertexts are whole units within the limit; return samples.
+
+        Args:
+            count: the request's ciphertexts.
+            uploaded: they come from an upload, whose unit limit ignores the body limit.
+
+        Returns:
+            The samples they carry (a partly filled batch group counts in full).
+
+        Raises:
+            ProtocolError: not a positive multiple of the ciphertexts per unit.
+            TooManySamples: more units than one request (or upload) may carry.
+        """
+        per_unit = self.inputs_per_unit
+        if count < 1 or count % per_unit:
+            unit = "sample" if self.samples_per_unit == 1 else "group of samples"
+            raise ProtocolError(
+                f"the {self.kind.value} plan of {self.model!r} takes {per_unit} ciphertexts per "
+                f"{unit}; got {count}"
+            )
+        units = count // per_unit
+        max_units = self.max_upload_units if uploaded else self.max_units
+        if units > max_units:
+            limit = min(self._config_samples, max_units * self.samples_per_unit)
+            raise TooManySamples(units * self.samples_per_unit, limit)
+        return units * self.samples_per_unit
+
+    def read(self, parts: Iterable[bytes], count: int, timings: Timings) -> EncryptedRequest:
+        """Load and check a request's ciphertexts, unit by unit.
+
+        Args:
+            parts: framed messages whose items, in order, are the request's ciphertexts (one
+                body, or the parts of an upload, read one at a time).
+            count: how many ciphertexts the parts hold in all, checked by ``check_count``.
+            timings: where ``deserialize`` seconds go.
+
+        Returns:
+            The loaded units.
+
+        Raises:
+            ProtocolError: malformed frames or ciphertexts, or parts that hold another count.
+            EvaluationError: a unit the evaluator refuses (level, scale, size).
+        """
+        start = time.perf_counter()
+        per_unit = self.inputs_per_unit
+        loaded: list[Ciphertexts] = []
+        unit: Ciphertexts = []
+        index = 0
+        for part in parts:
+            for item in decode_frames(part, max_items=max(1, count - index)):
+                what = f"input ciphertext {index}"
+                unit.append(load_seal(seal.Ciphertext, item, self.context, what=what))
+                index += 1
+                if len(unit) == per_unit:
+                    self.check(unit)
+                    loaded.append(unit)
+                    unit = []
+        if index != count:
+            raise ProtocolError(f"expected {count} ciphertexts, the parts hold {index}")
+        timings.add("deserialize", time.perf_counter() - start)
+        return EncryptedRequest(loaded)
+
+    def run(self, request: EncryptedRequest, keys: StoredContext, timings: Timings) -> Ciphertexts:
+        """Evaluate every unit of a request; return the output ciphertexts in order."""
+        return [
+            ct
+            for unit in request.units
+            for ct in self.evaluate(unit, keys.relin_keys, keys.galois_keys, timings)
+        ]
+
+    def answer(self, outputs: Ciphertexts, timings: Timings) -> bytes:
+        """Serialize output ciphertexts into the response body."""
+        start = time.perf_counter()
+        body = encode_frames([save_seal(ct) for ct in outputs])
+        timings.add("serialize", time.perf_counter() - start)
+        return body
+
+    @abstractmethod
+    def check(self, unit: Ciphertexts) -> None:
+        """Refuse a unit the evaluator cannot take (raises ``EvaluationError``)."""
+
+    @abstractmethod
+    def evaluate(
+        self,
+        unit: Ciphertexts,
+        relin_keys: seal.RelinKeys,
+        galois_keys: seal.GaloisKeys | None,
+        timings: Timings,
+    ) -> Ciphertexts:
+        """Evaluate one checked unit; return its output ciphertexts."""
+
+
+class ServedLatency(ServedPlan):
     """One sample per unit: the plan's input ciphertexts in, one ciphertext out."""
-    evaluator = EncryptedEvaluator(plan)
 
-    def evaluate(
-        cts: Ciphertexts, relin: seal.RelinKeys, galois: seal.GaloisKeys | None, t: Timings
-    ) -> Ciphertexts:
-        return [evaluator.evaluate(cts, relin, galois, t)]
+    kind = PlanKind.LATENCY
+    sends_units_in_parts = False
 
-    def card(max_samples: int) -> PlanCard:
-        return PlanCard(
-            ckks=plan.params,
+    def __init__(self, model: str, plan: Plan, config: Config) -> None:
+        summary = plan.summary()
+        costs = plan.costs()
+        super().__init__(
+            model=model,
+            params=plan.params,
             galois_steps=plan.galois_steps,
-            input_encoding=plan.input_encoding,
-            output_decoding=plan.output_decoding,
-            max_samples_per_request=max_samples,
-            details=plan.summary(),
+            input_encoding=GatherEncoding.from_json(plan.input_encoding),
+            output_decoding=PrefixDecoding.from_json(plan.output_decoding),
+            costs=PlanCosts(
+                public_key_bytes=costs["public_key_bytes"],
+                request_bytes_per_unit=costs["request_bytes_per_sample"],
+                response_bytes_per_unit=costs["response_bytes_per_sample"],
+                samples_per_unit=1,
+                rotations=int(summary["rotations"]),
+                galois_keys=int(summary["galois_keys"]),
+                expected_max_logit_error=summary.get("expected_max_logit_error"),
+            ),
+            details=summary,
+            config=config,
         )
+        self._evaluator = EncryptedEvaluator(plan)
+        self.context = self._evaluator.context
 
-    return ServedPlan(
-        plan.params,
-        plan.galois_steps,
-        plan.input_ciphertexts,
-        1,
-        evaluator.context,
-        evaluator.check_inputs,
-        evaluate,
-        card,
-    )
-
-
-def serve_batch(plan: BatchPlan) -> ServedPlan:
-    """Up to ``slot_count`` samples per unit: one ciphertext per feature in, one per output out."""
-    evaluator = BatchEvaluator(plan)
+    def check(self, unit: Ciphertexts) -> None:
+        self._evaluator.check_inputs(unit)
 
     def evaluate(
-        cts: Ciphertexts, relin: seal.RelinKeys, galois: seal.GaloisKeys | None, t: Timings
+        self,
+        unit: Ciphertexts,
+        relin_keys: seal.RelinKeys,
+        galois_keys: seal.GaloisKeys | None,
+        timings: Timings,
     ) -> Ciphertexts:
-        return evaluator.evaluate(cts, relin, t)  # no rotations: Galois keys are never used
+        return [self._evaluator.evaluate(unit, relin_keys, galois_keys, timings)]
 
-    def card(max_samples: int) -> PlanCard:
-        return PlanCard(
-            ckks=plan.params,
+
+class ServedBatch(ServedPlan):
+    """Up to ``slot_count`` samples per unit: one ciphertext per feature in, one per output out."""
+
+    kind = PlanKind.BATCH
+    sends_units_in_parts = True
+
+    def __init__(self, model: str, plan: BatchPlan, config: Config) -> None:
+        summary = plan.summary()
+        costs = plan.costs()
+        super().__init__(
+            model=model,
+            params=plan.params,
             galois_steps=(),
-            input_encoding={
-                "kind": "batch",
-                "features": plan.input_length,
-                "slot_count": plan.slot_count,
-            },
-            output_decoding={"kind": "batch", "outputs": plan.output_length},
-            max_samples_per_request=max_samples,
-            details=plan.summary(),
+            input_encoding=BatchEncoding(plan.input_length, plan.slot_count),
+            output_decoding=BatchDecoding(plan.output_length),
+            costs=PlanCosts(
+                public_key_bytes=costs["public_key_bytes"],
+                request_bytes_per_unit=costs["request_bytes_per_group"],
+                response_bytes_per_unit=costs["response_bytes_per_group"],
+                samples_per_unit=plan.slot_count,
+                rotations=0,
+                galois_keys=0,
+                expected_max_logit_error=summary.get("expected_max_logit_error"),
+            ),
+            details=summary,
+            config=config,
         )
+        self._evaluator = BatchEvaluator(plan)
+        self.context = self._evaluator.context
 
-    return ServedPlan(
-        plan.params,
-        (),
-        plan.input_length,
-        plan.slot_count,
-        evaluator.context,
-        evaluator.check_inputs,
-        evaluate,
-        card,
-    )
+    def check(self, unit: Ciphertexts) -> None:
+        self._evaluator.check_inputs(unit)
+
+    def evaluate(
+        self,
+        unit: Ciphertexts,
+        relin_keys: seal.RelinKeys,
+        galois_keys: seal.GaloisKeys | None,
+        timings: Timings,
+    ) -> Ciphertexts:
+        return self._evaluator.evaluate(unit, relin_keys, timings)  # no rotations, no Galois keys
+
+
+def serve_plans(compiled: CompiledModel, config: Config) -> dict[PlanKind, ServedPlan]:
+    """Build the served plans of a compiled model, evaluators ready.
+
+    Raises:
+        PlanRefused: the server's limits leave no way to send one of the plans' requests.
+    """
+    name = compiled.artifact.name
+    return {
+        PlanKind.LATENCY: ServedLatency(name, compiled.latency, config),
+        PlanKind.BATCH: ServedBatch(name, compiled.batch, config),
+    }

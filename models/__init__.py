@@ -14,18 +14,29 @@ Converting your own network::
     export_converted(network, "models/artifacts", "my-net", labels=[...],
                      preprocessing={"scale": 1.0, "mean": [0.0], "std": [1.0]},
                      check_x=x_train)
+
+Residual blocks (``x + f(x)``, a ResNet ``BasicBlock``) convert to ``Residual`` modules and
+``add`` layers. For a regression head pass ``task="regression"`` to ``fine_tune`` (MSE) and
+``export_converted`` (``output.task`` in the manifest; labels name the outputs).
 """
 
 from __future__ import annotations
 
-from models.architectures import BreastCancerMLP, DigitsCNN, MnistReluCNN, Square
+from models.architectures import (
+    BreastCancerMLP,
+    DigitsCNN,
+    DigitsResNet,
+    LeNet5,
+    MnistReluCNN,
+    Square,
+)
 from models.conversion import (
     ActivationReport,
     ConversionReport,
     ConvertedNetwork,
+    Residual,
     convert,
     depth_of,
-    max_depth_by_ring,
     validate,
 )
 from models.datasets import (
@@ -73,14 +84,17 @@ __all__ = [
     "ConversionReport",
     "ConvertedNetwork",
     "DigitsCNN",
+    "DigitsResNet",
     "EncryptedMeasurement",
     "ExportError",
     "FineTuneConfig",
+    "LeNet5",
     "MnistReluCNN",
     "OutputRangeError",
     "PolyActivation",
     "PolyFit",
     "Problem",
+    "Residual",
     "Split",
     "Square",
     "TrainConfig",
@@ -102,7 +116,6 @@ __all__ = [
     "load_digits_split",
     "load_mnist_idx",
     "load_mnist_split",
-    "max_depth_by_ring",
     "measure_encrypted",
     "network_layers",
     "out_of_range_fractions",

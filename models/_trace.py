@@ -1,10 +1,18 @@
-"""Turn a torch model into the ordered chain of layers its ``forward`` runs.
+"""Turn a torch model into the nested chain of layers its ``forward`` runs.
 
-``torch.fx`` traces the model's ``forward`` symbolically. ``nn.Sequential`` containers are
-traced through; every other submodule is a leaf, seen as one call, so a custom module with its
-own ``forward`` is one (unsupported) step, named by its path. Calls written directly in a
-``forward`` (``x.flatten(1)``, ``torch.relu(x)``, ``x * x``) are recognised too. The network
-must be a straight chain: each step consumes exactly the previous step's output.
+``torch.fx`` traces the model's ``forward`` symbolically. Standard torch layers (``nn.Conv2d``,
+``nn.ReLU``, ...) and the converter's own ``Square``/``PolyActivation`` are leaves, seen as one
+call each; ``nn.Sequential`` and every user module (a ResNet ``BasicBlock``, say) are traced
+through, so what their ``forward`` calls is checked one call at a time and named by its module
+path (``layer1.0.conv1``, ``layer1.0.add``). Calls written directly in a ``forward``
+(``x.flatten(1)``, ``torch.relu(x)``, ``x * x``) are recognised too.
+
+The network must be series-parallel: a chain of layers in which a residual join
+``y = f(x) + g(x)`` (or ``f(x) - g(x)``) may stand for one step, its branches being chains
+themselves that start at the same value ``x`` (an empty branch is ``x`` itself). Each join's
+fork is its immediate dominator in the graph; a value that is read both inside a block and
+outside it, concatenations, products of two tensors and attention are refused with the node
+that does it.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ __all__ = [
     "FunctionalActivation",
     "Step",
     "describe",
+    "is_leaf",
     "trace",
 ]
 
@@ -63,7 +72,8 @@ SUPPORTED_LAYERS = (
     "Conv2d/Linear), AvgPool2d, AdaptiveAvgPool2d (when the output size divides the input), "
     "Flatten, Dropout, Identity, activations "
     + ", ".join(cls.__name__ for cls in ACTIVATIONS)
-    + ", PReLU with one parameter, models.Square (x*x), models.PolyActivation"
+    + ", PReLU with one parameter, models.Square (x*x), models.PolyActivation, and residual "
+    "sums of branches (x + f(x), g(x) + f(x), g(x) - f(x))"
 )
 _REBUILD = (
     "rebuild it from supported layers (Conv2d, Linear, BatchNorm, AvgPool2d, Flatten, Dropout, "
@@ -74,12 +84,15 @@ _REBUILD = (
 
 @dataclass
 class Step:
-    """One layer of the chain: ``kind`` is what the converter does with it.
+    """One step of the chain: ``kind`` is what the converter does with it.
 
     Kinds: ``conv``, ``linear``, ``bn``, ``pool`` (AvgPool2d), ``adaptive_pool``, ``flatten``,
     ``drop`` (removed), ``act`` (fitted), ``square`` (x*x, kept exact), ``poly`` (already a
-    polynomial), ``unsupported``. ``module`` computes the step on a batch (for functional calls,
-    an equivalent module); it is the model's own module, never modified here.
+    polynomial), ``add`` (a residual join: the sum of ``branches``, each a chain applied to
+    the same input, multiplied by its entry of ``signs``), ``unsupported``. ``module``
+    computes the step on a batch (for functional calls, an equivalent module; None for a
+    join); it is the model's own module, never modified here. An unsupported join keeps its
+    branches too, so that problems inside them are reported as well.
     """
 
     path: str
@@ -87,6 +100,8 @@ class Step:
     module: nn.Module | None
     label: str
     problem: Problem | None = None
+    branches: tuple[list[Step], ...] = ()
+    signs: tuple[int, ...] = ()
 
 
 class FunctionalActivation(nn.Module):
@@ -133,9 +148,48 @@ def describe(module: nn.Module) -> str:
     return f"{type(module).__name__}({extra})"
 
 
+def is_leaf(module: nn.Module) -> bool:
+    """Return True if the tracer sees ``module`` as one call rather than tracing its forward.
+
+    Torch's own layers are leaves (a subclass that keeps torch's ``forward`` too), except
+    ``nn.Sequential``; so are ``Square`` and ``PolyActivation``. Everything else is traced
+    through, so that the layers a user module calls are checked one by one.
+
+    Args:
+        module: any module.
+
+    Returns:
+        Whether the module is a leaf.
+    """
+    if isinstance(module, Square | PolyActivation):
+        return True
+    if isinstance(module, nn.Sequential):
+        return False
+    return str(getattr(type(module).forward, "__module__", "")).startswith("torch.")
+
+
 class _Tracer(fx.Tracer):
+    def __init__(self) -> None:
+        super().__init__()
+        # The innermost module whose forward raised: where an untraceable call is.
+        self.failed_in: str | None = None
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return not isinstance(m, nn.Sequential)
+        return is_leaf(m)
+
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m)
+            raise
 
 
 def _module_problem(path: str, module: nn.Module) -> tuple[str, Problem | None]:
@@ -270,13 +324,7 @@ def _module_problem(path: str, module: nn.Module) -> tuple[str, Problem | None]:
             "a table lookup by index is not an arithmetic function of the input",
             "one-hot encode the input on the client and use nn.Linear",
         )
-    if type(module).__module__.startswith(("torch.nn", "torch.ao.nn")):
-        return refuse(f"{type(module).__name__} is not supported", _REBUILD)
-    return refuse(
-        f"custom module {type(module).__qualname__} with its own forward(): the converter cannot "
-        "see inside it, so it cannot show that it only adds and multiplies",
-        _REBUILD,
-    )
+    return refuse(f"{type(module).__name__} is not supported", _REBUILD)
 
 
 _FUNCTIONAL_ACTIVATIONS: dict[Any, str] = {
@@ -367,8 +415,8 @@ def _is_helper(node: fx.Node, helpers: set[fx.Node]) -> bool:
     return False
 
 
-def _function_step(node: fx.Node, helpers: set[fx.Node]) -> Step:
-    name = node.name
+def _function_step(node: fx.Node, path: str, helpers: set[fx.Node]) -> Step:
+    name = path
     label = _callable_name(node.target) + " in forward"
     target = node.target
     extra_kwargs = {k: v for k, v in node.kwargs.items() if k not in _IGNORED_KWARGS}
@@ -428,49 +476,185 @@ def _function_step(node: fx.Node, helpers: set[fx.Node]) -> Step:
         )
     if node.op == "call_function" and target is F.avg_pool2d:
         return refuse("functional pooling is not recognised", "use an nn.AvgPool2d module")
+    if (node.op == "call_method" and target == "mean") or target is torch.mean:
+        return refuse(
+            "a mean written in forward is not recognised",
+            "for a global average over height and width use nn.AdaptiveAvgPool2d(1) and "
+            "nn.Flatten()",
+        )
+    if _arithmetic(node) is not None:
+        return refuse(
+            "arithmetic with a constant is not a layer of the artifact",
+            "fold the constant into the weights and bias of the neighbouring Conv2d/Linear",
+        )
     return refuse(
         f"{_callable_name(target)} is not a supported layer or operation",
         "express the network as a chain of supported layers: " + SUPPORTED_LAYERS,
     )
 
 
-def trace(model: nn.Module) -> tuple[list[Step], list[Problem]]:
-    """Trace ``model.forward`` into a chain of steps.
+# Element-wise arithmetic between tensors: the sum of two branches is a residual join.
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub, torch.subtract}
+_ADD_METHODS = {"add", "add_"}
+_SUB_METHODS = {"sub", "sub_", "subtract", "subtract_"}
+_PRODUCT_FUNCTIONS = {
+    operator.mul,
+    operator.imul,
+    operator.truediv,
+    operator.itruediv,
+    operator.matmul,
+    torch.mul,
+    torch.multiply,
+    torch.div,
+    torch.true_divide,
+    torch.matmul,
+    torch.mm,
+    torch.bmm,
+    torch.einsum,
+    F.bilinear,
+}
+_PRODUCT_METHODS = {"mul", "mul_", "div", "div_", "matmul", "mm", "bmm"}
+_CONCATENATIONS = {
+    torch.cat,
+    torch.concat,
+    torch.concatenate,
+    torch.stack,
+    torch.hstack,
+    torch.vstack,
+    torch.dstack,
+    torch.column_stack,
+}
+_ATTENTION = {F.scaled_dot_product_attention, F.multi_head_attention_forward}
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
-    Args:
-        model: the torch model (not modified).
 
-    Returns:
-        The steps in execution order and the problems of the chain itself (a skip connection,
-        several inputs, an untraceable forward); problems of single layers are on their steps.
-    """
-    if not isinstance(model, nn.Sequential) and not list(model.children()):
-        # A bare layer such as nn.Linear(4, 2): its forward is a functional call.
-        path = type(model).__name__.lower()
-        kind, problem = _module_problem(path, model)
-        return [Step(path, kind, model, describe(model), problem)], []
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
-        return [], [
-            Problem(
-                "forward",
-                type(model).__name__,
-                f"forward() cannot be traced symbolically ({type(exc).__name__}: {exc})",
-                "write forward as a straight sequence of layer calls without Python control "
-                "flow on tensor values, or use nn.Sequential",
+def _arithmetic(node: fx.Node) -> str | None:
+    """Return ``add``, ``sub`` or ``product`` for element-wise arithmetic, else None."""
+    target = node.target
+    if node.op == "call_function":
+        if target in _ADD_FUNCTIONS:
+            return "add"
+        if target in _SUB_FUNCTIONS:
+            return "sub"
+        if target in _PRODUCT_FUNCTIONS:
+            return "product"
+    if node.op == "call_method":
+        if target in _ADD_METHODS:
+            return "add"
+        if target in _SUB_METHODS:
+            return "sub"
+        if target in _PRODUCT_METHODS:
+            return "product"
+    return None
+
+
+def _node_path(node: fx.Node) -> str:
+    """Return a module call's path, or a call's fx name under the module whose forward made it."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        module_path = next(reversed(stack.values()))[0]
+        return f"{module_path}.{node.name}"
+    return node.name
+
+
+def _join_step(
+    node: fx.Node, path: str, inputs: list[fx.Node], branches: tuple[list[Step], ...]
+) -> Step:
+    """Classify a call that combines several tensors; only sums and differences are joins."""
+    label = _callable_name(node.target) + " in forward"
+
+    def refuse(reason: str, fix: str) -> Step:
+        return Step(path, "unsupported", None, label, Problem(path, label, reason, fix), branches)
+
+    kind = _arithmetic(node)
+    if kind in ("add", "sub"):
+        alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+        if alpha != 1:
+            return refuse(
+                "alpha scales one branch by a constant",
+                "write the sum without alpha (x + f(x)) and scale inside the branch's last "
+                "Conv2d/Linear",
             )
-        ]
-    steps: list[Step] = []
-    problems: list[Problem] = []
-    helpers: set[fx.Node] = set()
-    by_node: dict[fx.Node, Step] = {}
-    # `out, state = self.lstm(x)` gives several getitem nodes that all stand for the output.
-    aliases: set[fx.Node] = set()
-    for node in graph.nodes:
+        signs = (1, -1) if kind == "sub" else (1, 1)
+        return Step(path, "add", None, label, branches=branches, signs=signs)
+    if node.op == "call_function" and node.target in _CONCATENATIONS:
+        return refuse(
+            "concatenation of branches is not a layer of the artifact (only sums of branches are)",
+            "sum the branches instead (y = g(x) + f(x)); a Linear/Conv2d over a concatenation "
+            "equals the sum of one Linear/Conv2d per branch",
+        )
+    if node.op == "call_function" and node.target in _ATTENTION:
+        return refuse(
+            "attention needs softmax (exponentials, a division and a max) and products of two "
+            "tensors computed from the input",
+            "rebuild the network from Conv2d/Linear layers with supported activations and "
+            "residual sums",
+        )
+    if kind == "product":
+        return refuse(
+            "it multiplies (or divides) two tensors computed from the input (a gate, an "
+            "attention score, a product of branches): the artifact multiplies values only by "
+            "fixed weights and inside polynomial activations",
+            "combine branches by a sum (y = g(x) + f(x)), or use an activation such as "
+            "models.Square for x * x",
+        )
+    names = ", ".join(n.name for n in inputs)
+    return refuse(
+        f"{_callable_name(node.target)} combines several tensors ({names}); only sums and "
+        "differences of residual branches are supported",
+        "combine branches by a sum (y = g(x) + f(x))",
+    )
+
+
+def _overwritten(node: fx.Node, model: nn.Module) -> fx.Node | None:
+    """Return the tensor an in-place call overwrites (``x.add_(y)``, ``relu(x, inplace=True)``)."""
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if first is None:
+        return None
+    target = node.target
+    if node.op == "call_method":
+        name = str(target)
+        return first if name.endswith("_") and not name.startswith("_") else None
+    if node.op == "call_module":
+        in_place = getattr(model.get_submodule(str(target)), "inplace", False) is True
+        return first if in_place else None
+    if node.op == "call_function":
+        if target in _IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True:
+            return first
+        if target in _FUNCTIONAL_ACTIVATIONS and any(a is True for a in node.args[1:]):
+            return first
+    return None
+
+
+_ROOT = "root"  # the immediate dominator of values that depend on no input
+
+
+class _Builder:
+    """Decompose a traced graph into a nested chain of steps, collecting every problem."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
+        self.model = model
+        self.problems: list[Problem] = []
+        self.helpers: set[fx.Node] = set()
+        self.order: dict[fx.Node, int] = {}
+        self.inputs: dict[fx.Node, list[fx.Node]] = {}
+        self.steps: dict[fx.Node, Step] = {}
+        self.aliases: set[fx.Node] = set()
+        self.joins: set[fx.Node] = set()
+        self.visited: set[fx.Node] = set()
+        self.placeholders: list[fx.Node] = []
+        self.result: fx.Node | None = None
+        for index, node in enumerate(graph.nodes):
+            self.order[node] = index
+            self._classify(node)
+
+    def _classify(self, node: fx.Node) -> None:
         if node.op == "placeholder":
-            if aliases:
-                problems.append(
+            if self.placeholders:
+                self.problems.append(
                     Problem(
                         node.name,
                         "forward argument",
@@ -478,59 +662,206 @@ def trace(model: nn.Module) -> tuple[list[Step], list[Problem]]:
                         "take a single tensor input",
                     )
                 )
-            aliases = {node}
-            continue
+            self.placeholders.append(node)
+            return
         if node.op == "output":
             result = node.args[0]
-            if result not in aliases:
-                problems.append(
+            if not isinstance(result, fx.Node):
+                self.problems.append(
                     Problem(
                         "forward",
-                        type(model).__name__,
-                        "forward() returns something other than the last layer's output "
-                        "(a tuple, a dict or an earlier value)",
+                        type(self.model).__name__,
+                        "forward() returns something other than one tensor (a tuple or a dict)",
                         "return the output of the last layer only",
                     )
                 )
-            continue
-        if _is_helper(node, helpers):
-            helpers.add(node)
-            continue
-        if node.op == "get_attr":
-            # A parameter used directly: the call that uses it is refused with the reason.
-            helpers.add(node)
-            continue
-        inputs = [n for n in node.all_input_nodes if n not in helpers]
-        source = by_node.get(inputs[0]) if len(inputs) == 1 else None
+                tensors = node.all_input_nodes
+                result = tensors[0] if tensors else None
+            self.result = result
+            return
+        if _is_helper(node, self.helpers) or node.op == "get_attr":
+            # A parameter used directly is a helper: the call that uses it is refused.
+            self.helpers.add(node)
+            return
+        tensors = [n for n in node.all_input_nodes if n not in self.helpers]
+        source = self.steps.get(tensors[0]) if len(tensors) == 1 else None
         if (
             node.op == "call_function"
             and node.target is operator.getitem
             and source is not None
             and source.kind == "unsupported"
         ):
-            # The unsupported layer is already reported; its outputs stand in for it.
-            by_node[node] = source
-            aliases.add(node)
-            continue
-        if node.op == "call_module":
-            module = model.get_submodule(str(node.target))
-            kind, problem = _module_problem(str(node.target), module)
-            step = Step(str(node.target), kind, module, describe(module), problem)
+            # `out, state = self.lstm(x)`: the unsupported layer is already reported.
+            self.inputs[node] = tensors
+            self.aliases.add(node)
+            self.steps[node] = source
+            return
+        path = _node_path(node)
+        arithmetic = _arithmetic(node)
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and a not in self.helpers]
+        if arithmetic in ("add", "sub") and len(operands) == 2 and not _is_square(node):
+            # x + x is a join of two identity branches, so the operands, not the unique
+            # inputs, are the branches.
+            self.inputs[node] = operands
+            self.joins.add(node)
+        elif len(tensors) >= 2 and not _is_square(node):
+            self.inputs[node] = tensors
+            self.joins.add(node)
         else:
-            step = _function_step(node, helpers)
-        if not inputs or not set(inputs) <= aliases:
-            names = ", ".join(n.name for n in inputs) or "no tensor"
-            problems.append(
+            self.inputs[node] = tensors
+            if node.op == "call_module":
+                module = self.model.get_submodule(str(node.target))
+                kind, problem = _module_problem(path, module)
+                self.steps[node] = Step(path, kind, module, describe(module), problem)
+            else:
+                self.steps[node] = _function_step(node, path, self.helpers)
+            if not tensors:
+                step = self.steps[node]
+                self.problems.append(
+                    Problem(
+                        step.path,
+                        step.label,
+                        "it takes no tensor computed from the input (a constant or a parameter "
+                        "used directly)",
+                        "compute every layer from the network's input",
+                    )
+                )
+        self._check_in_place(node)
+
+    def _check_in_place(self, node: fx.Node) -> None:
+        overwritten = _overwritten(node, self.model)
+        if overwritten is None:
+            return
+        later = [
+            _node_path(user)
+            for user in overwritten.users
+            if user is not node and self.order.get(user, len(self.order) + 1) > self.order[node]
+        ]
+        if later:
+            path = _node_path(node)
+            value = _node_path(overwritten)
+            self.problems.append(
                 Problem(
-                    step.path,
-                    step.label,
-                    f"its input is {names}, not just the previous layer's output: only straight "
-                    "chains are supported (no skip connections, concatenations, several inputs "
-                    "or arithmetic between tensors)",
-                    "restructure the network as a single chain of layers",
+                    path,
+                    _callable_name(node.target) + " in forward"
+                    if node.op != "call_module"
+                    else describe(self.model.get_submodule(str(node.target))),
+                    f"it overwrites {value} in place, and {', '.join(later)} read {value} "
+                    "afterwards: the traced graph cannot see that change",
+                    "assign the result instead (out = out + identity, out = torch.relu(out)) and "
+                    "use it",
                 )
             )
-        steps.append(step)
-        by_node[node] = step
-        aliases = {node}
-    return steps, problems
+
+    def _dominators(self) -> dict[fx.Node, fx.Node | str]:
+        """Return each value's immediate dominator (Cooper, Harvey and Kennedy, on a DAG)."""
+        idom: dict[fx.Node, fx.Node | str] = {}
+
+        def index(node: fx.Node | str) -> int:
+            return -1 if isinstance(node, str) else self.order[node]
+
+        def intersect(a: fx.Node | str, b: fx.Node | str) -> fx.Node | str:
+            while a is not b:
+                while index(a) > index(b):
+                    a = idom[a]  # type: ignore[index]
+                while index(b) > index(a):
+                    b = idom[b]  # type: ignore[index]
+            return a
+
+        for node in self.order:
+            if node in self.helpers or node.op == "output":
+                continue
+            preds = self.inputs.get(node, [])
+            if not preds:
+                idom[node] = _ROOT
+                continue
+            dominator: fx.Node | str = preds[0]
+            for pred in preds[1:]:
+                dominator = intersect(pred, dominator)
+            idom[node] = dominator
+        return idom
+
+    def build(self) -> list[Step]:
+        """Return the nested chain from the first input to the result."""
+        if self.result is None:
+            return []
+        self.idom = self._dominators()
+        stop: fx.Node | str = self.placeholders[0] if self.placeholders else _ROOT
+        return self._chain(self.result, stop)
+
+    def _chain(self, end: fx.Node, stop: fx.Node | str) -> list[Step]:
+        steps: list[Step] = []
+        node: fx.Node | str = end
+        while node is not stop and not isinstance(node, str):
+            if node in self.visited:
+                self._shared(node)
+                break
+            self.visited.add(node)
+            preds = self.inputs.get(node, [])
+            if node in self.joins:
+                fork = self.idom[node]
+                branches = tuple(self._chain_or_empty(pred, fork) for pred in preds)
+                steps.append(_join_step(node, _node_path(node), preds, branches))
+                node = fork
+                continue
+            if node not in self.aliases and node in self.steps:
+                steps.append(self.steps[node])
+            if not preds:
+                break
+            node = preds[0]
+        steps.reverse()
+        return steps
+
+    def _chain_or_empty(self, start: fx.Node, fork: fx.Node | str) -> list[Step]:
+        return [] if start is fork else self._chain(start, fork)
+
+    def _shared(self, node: fx.Node) -> None:
+        step = self.steps.get(node)
+        users = ", ".join(_node_path(user) for user in node.users)
+        self.problems.append(
+            Problem(
+                step.path if step is not None else _node_path(node),
+                step.label if step is not None else node.name,
+                f"its output is read by {users}, which are not the branches of one residual "
+                "block: only the input of a block may be shared by its branches, every other "
+                "value must stay inside one branch (no dense or U-Net style skips)",
+                "restructure the network into nested blocks y = x + f(x) / y = g(x) + f(x)",
+            )
+        )
+
+
+def trace(model: nn.Module) -> tuple[list[Step], list[Problem]]:
+    """Trace ``model.forward`` into a nested chain of steps.
+
+    Args:
+        model: the torch model (not modified).
+
+    Returns:
+        The steps in execution order (residual joins hold their branches) and the problems of
+        the graph itself (a value shared outside its block, an in-place change, several
+        inputs, an untraceable forward); problems of single layers and joins are on their
+        steps.
+    """
+    if is_leaf(model):
+        # A bare layer such as nn.Linear(4, 2): its forward is a functional call.
+        path = type(model).__name__.lower()
+        kind, problem = _module_problem(path, model)
+        return [Step(path, kind, model, describe(model), problem)], []
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
+        where = tracer.failed_in
+        module = model.get_submodule(where) if where else model
+        return [], [
+            Problem(
+                where or "forward",
+                type(module).__name__,
+                f"forward() cannot be traced symbolically ({type(exc).__name__}: {exc})",
+                "write forward as a straight sequence of layer calls without Python control "
+                "flow on tensor values, or use nn.Sequential",
+            )
+        ]
+    builder = _Builder(model, graph)
+    steps = builder.build()
+    return steps, builder.problems

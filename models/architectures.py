@@ -12,7 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["BreastCancerMLP", "DigitsCNN", "MnistReluCNN", "Square"]
+__all__ = [
+    "BasicBlock",
+    "BreastCancerMLP",
+    "DigitsCNN",
+    "DigitsResNet",
+    "LeNet5",
+    "MnistReluCNN",
+    "Square",
+]
 
 
 class Square(nn.Module):
@@ -100,3 +108,82 @@ class BreastCancerMLP(nn.Sequential):
         self.bn2 = nn.BatchNorm1d(8)
         self.act2 = nn.ReLU()
         self.fc3 = nn.Linear(8, 2)
+
+
+class LeNet5(nn.Sequential):
+    """LeNet-5 for 28x28 MNIST, with BatchNorm and average pooling.
+
+    ``conv 1->6 5x5`` -> BN -> ReLU -> avgpool 2 (6x12x12) -> ``conv 6->16 5x5`` -> BN ->
+    ReLU -> avgpool 2 (16x4x4) -> flatten -> ``linear 256->120`` -> ReLU -> ``linear 120->84``
+    -> ReLU -> ``linear 84->10``. Converted with degree-2 polynomials its depth is 4 (each
+    pooling merges into the next linear map); BatchNorm keeps the squares' inputs near the
+    range the polynomials were fitted on.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, kernel_size=5)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.act1 = nn.ReLU()
+        self.pool1 = nn.AvgPool2d(2)
+        self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.act2 = nn.ReLU()
+        self.pool2 = nn.AvgPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(256, 120)
+        self.act3 = nn.ReLU()
+        self.fc2 = nn.Linear(120, 84)
+        self.act4 = nn.ReLU()
+        self.fc3 = nn.Linear(84, 10)
+
+
+class BasicBlock(nn.Module):
+    """A ResNet basic block with an identity shortcut: ``relu(x + bn(conv(relu(bn(conv(x))))))``.
+
+    Both convolutions are 3x3 with padding 1 and keep the channels, so the shortcut needs no
+    projection.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.act2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block.
+
+        Args:
+            x: feature maps (n, channels, height, width).
+
+        Returns:
+            Feature maps of the same shape.
+        """
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        result: torch.Tensor = self.act2(x + out)
+        return result
+
+
+class DigitsResNet(nn.Sequential):
+    """A small residual CNN for scikit-learn's 8x8 digits.
+
+    ``conv 1->8 3x3 pad 1`` -> BN -> ReLU -> avgpool 2 (8x4x4) -> ``BasicBlock(8)`` ->
+    avgpool 2 (8x2x2) -> flatten -> ``linear 32->10``. Converted with degree-2 polynomials its
+    depth is 3 (the block's inner activation and the one after its sum share the longest path
+    with the stem's); 8 channels of 4x4 keep the encrypted plan small.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, kernel_size=3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.pool1 = nn.AvgPool2d(2)
+        self.block = BasicBlock(8)
+        self.pool2 = nn.AvgPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(32, 10)

@@ -7,15 +7,22 @@ Examples::
     he-models train digits-cnn --out /tmp/artifacts --seed 1
     he-models evaluate breast-cancer-mlp      # plaintext, polynomial and encrypted accuracy
     he-models convert mypkg.nets:make_net --weights net.pt --calibration x.npy --name my-net
+    he-models convert mypkg.nets:Regressor --weights r.pt --calibration x.npy --name my-reg \
+        --standardize --task regression --key-budget 32
 
 ``convert`` imports ``MODULE`` (the current directory is searched first, as with
 ``python -m``), calls ``FACTORY()`` for an untrained model, loads the state dict with
 ``torch.load(..., weights_only=True)`` (no arbitrary objects are unpickled) and reads the
 calibration samples with ``np.load(..., allow_pickle=False)``.
 
-Exit codes: 0 success, 1 the artifact could not be exported (the engine refuses it, or
-writing failed), 2 a usage or input error (unknown model, unsupported layers, unreadable
-files). Errors are one message on stderr, never a traceback.
+After a successful export, ``convert`` and ``train`` print what the model card will say about
+each plan (ring, primes, depth, public-key and request bytes, rotations, Galois keys), as the
+engine compiled it.
+
+Exit codes: 0 success, 1 the artifact could not be exported (the engine refuses it: too deep,
+public keys over the budget; or writing failed; nothing is written), 2 a usage or input error
+(unknown model, unsupported layers, unreadable files). Errors are one message on stderr, never
+a traceback.
 """
 
 from __future__ import annotations
@@ -27,12 +34,17 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.export import ExportError, torch_release
+from he_service.artifacts import DEFAULT_TASK, TASKS
+from he_service.engine import DEFAULT_KEY_BUDGET_BYTES
+from models.export import ExportError, plan_lines, torch_release
 from models.recipes import DEFAULT_OUT_DIR, RECIPES, UnknownModelError, build
+
+if TYPE_CHECKING:
+    from models.conversion import ConversionReport
 
 __all__ = ["main"]
 
@@ -123,26 +135,48 @@ def _parser() -> argparse.ArgumentParser:
         "--mean",
         type=float,
         nargs="+",
-        default=[0.0],
-        help="preprocessing: minus mean, one value or one per channel/feature",
+        help="preprocessing: minus mean, one value or one per channel/feature (default: 0)",
     )
     convert.add_argument(
         "--std",
         type=float,
         nargs="+",
-        default=[1.0],
-        help="preprocessing: divided by std, one value or one per channel/feature",
+        help="preprocessing: divided by std, one value or one per channel/feature (default: 1)",
     )
-    convert.add_argument("--labels", help="comma-separated output labels (default: 0..k-1)")
+    convert.add_argument(
+        "--standardize",
+        action="store_true",
+        help="preprocessing: mean and std per feature (vectors) or per channel (images) of the "
+        "calibration samples after --scale, instead of --mean/--std",
+    )
+    convert.add_argument(
+        "--task",
+        choices=TASKS,
+        default=DEFAULT_TASK,
+        help="what the outputs are: class scores or predicted values (default: %(default)s)",
+    )
+    convert.add_argument(
+        "--key-budget",
+        type=float,
+        metavar="MB",
+        help="largest public-key bundle a plan may need, in MiB (2^20 bytes), recorded in the "
+        "manifest; the engine refuses plans above it (default: the engine's "
+        f"{DEFAULT_KEY_BUDGET_BYTES / 2**20:g} MiB)",
+    )
+    convert.add_argument(
+        "--labels",
+        help="comma-separated output labels, or for regression output names (default: 0..k-1)",
+    )
     convert.add_argument("--description", default="", help="one line for the model card")
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="measure an artifact: original, polynomial and encrypted accuracy",
+        help="measure an artifact: original, polynomial and encrypted accuracy (or MSE)",
         description="Print the original network's accuracy (recorded in the manifest), the "
         "polynomial network's accuracy on the held-out split and the accuracy drop, encrypted "
         "accuracy and encrypted-vs-polynomial agreement, and how often held-out pre-activations "
-        "leave the calibrated ranges.",
+        "leave the calibrated ranges. For a regression artifact: MSE, MAE and R^2 instead of "
+        "accuracy, and the largest encrypted-vs-polynomial error.",
     )
     evaluate.add_argument("name", help="artifact name")
     evaluate.add_argument(
@@ -159,14 +193,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--seed", type=int, default=0, help="SEAL seed (default: 0)")
     evaluate.add_argument("--data", type=Path, help=".npy of raw held-out samples")
-    evaluate.add_argument("--targets", type=Path, help=".npy of held-out labels (ints)")
+    evaluate.add_argument(
+        "--targets", type=Path, help=".npy of held-out labels (ints) or regression targets"
+    )
     return parser
 
 
 def _list() -> int:
     width = max(len(name) for name in RECIPES)
     for name, recipe in sorted(RECIPES.items()):
-        print(f"{name:<{width}}  {recipe.description}")
+        shipped = "" if recipe.shipped else " (not shipped: `he-models train` builds it)"
+        print(f"{name:<{width}}  {recipe.description}{shipped}")
     return EXIT_OK
 
 
@@ -189,6 +226,8 @@ def _train(name: str, out: Path, seed: int, split_seed: int) -> int:
         f"depth {s['depth']}, max |output| {s['max_abs_output']:.1f}; trained and converted in "
         f"{result.train_seconds:.1f} s, encrypted check {s['encrypted_seconds']:.1f} s"
     )
+    for line in plan_lines(result.compiled):
+        print(line)
     print(f"wrote {result.path}")
     print(f"weights.npz sha256 {result.weights_sha256}")
     return EXIT_OK
@@ -271,13 +310,28 @@ def _convert(args: argparse.Namespace) -> int:
             f"--input-shape {list(shape)} does not match the calibration samples {raw.shape[1:]}"
         )
     channels = shape[0]
-    for label, values in (("--mean", args.mean), ("--std", args.std)):
+    if args.standardize:
+        if args.mean is not None or args.std is not None:
+            raise _UsageError(
+                "--standardize computes --mean and --std from the calibration data; give "
+                "either --standardize or --mean/--std"
+            )
+        mean, std = _standardization(raw, shape, args.scale)
+    else:
+        mean = args.mean if args.mean is not None else [0.0]
+        std = args.std if args.std is not None else [1.0]
+    for label, values in (("--mean", mean), ("--std", std)):
         if len(values) not in (1, channels):
             allowed = "1 value" if channels == 1 else f"1 value or {channels} (one per channel)"
             raise _UsageError(f"{label} takes {allowed}, got {len(values)}")
-    if any(v == 0.0 for v in args.std):
+    if any(v == 0.0 for v in std):
         raise _UsageError("--std must not contain 0")
-    preprocessing = {"scale": args.scale, "mean": list(args.mean), "std": list(args.std)}
+    key_budget = None
+    if args.key_budget is not None:
+        key_budget = round(args.key_budget * 2**20)
+        if key_budget <= 0:
+            raise _UsageError(f"--key-budget must be positive, got {args.key_budget}")
+    preprocessing = {"scale": args.scale, "mean": list(mean), "std": list(std)}
     x = preprocess_batch(raw, preprocessing, shape)
 
     try:
@@ -328,15 +382,53 @@ def _convert(args: argparse.Namespace) -> int:
                 "calibration_sha256": _sha256(args.calibration),
                 "torch": torch_release(),
             },
+            task=args.task,
+            key_budget_bytes=key_budget,
         )
     except ValueError as exc:  # a bad artifact name
         raise _UsageError(str(exc)) from None
-    except (ExportError, OSError) as exc:
+    except ExportError as exc:
+        print(
+            f"he-models: error: could not export {args.name}: {exc} ({_levels(report)})",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except OSError as exc:
         print(f"he-models: error: could not export {args.name}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    for line in plan_lines(result.compiled):
+        print(line)
     print(f"wrote {result.path}")
     print(f"weights.npz sha256 {result.weights_sha256}")
     return EXIT_OK
+
+
+def _standardization(
+    raw: np.ndarray, shape: tuple[int, ...], scale: float
+) -> tuple[list[float], list[float]]:
+    """Return the per-channel (per-feature) mean and std of the scaled calibration samples.
+
+    A constant channel gets std 1: there is nothing to scale, and 0 would divide by zero.
+    """
+    values = np.asarray(raw, dtype=np.float64).reshape((-1, *shape)) * scale
+    axes = (0, *range(2, values.ndim))
+    mean = values.mean(axis=axes)
+    std = values.std(axis=axes)
+    return [float(v) for v in mean], [float(v) if v > 0 else 1.0 for v in std]
+
+
+def _levels(report: ConversionReport) -> str:
+    """Say what makes the converted network deep, and the cheapest way to make it shallower."""
+    degrees = [fit.degree for fit in report.activations]
+    counts = ", ".join(f"{degrees.count(d)} of degree {d}" for d in sorted(set(degrees)))
+    text = (
+        f"the converted network has {len(degrees)} fitted activations"
+        + (f" ({counts})" if degrees else "")
+        + f", depth {report.depth} on its longest path"
+    )
+    if any(d > 2 for d in degrees):
+        text += "; --degree 2 costs one level per activation instead of two"
+    return text
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -1,9 +1,11 @@
-"""Measure an exported artifact: plaintext polynomial accuracy and encrypted agreement.
+"""Measure an exported artifact: plaintext polynomial metrics and encrypted agreement.
 
 Everything here reads the artifact only (not the torch network it came from), so it measures
 exactly what the server serves: ``artifact_forward`` runs the manifest's layers in float64
 (batched; the same arithmetic as ``he_service.engine.forward_plain``), and
-``encrypted_outputs`` encrypts, evaluates and decrypts with the engine in-process.
+``encrypted_outputs`` encrypts, evaluates and decrypts with the engine in-process. The metrics
+follow the artifact's task: accuracy and argmax agreement for classification, MSE, MAE and R^2
+for regression; both report the largest encrypted-vs-plaintext output error.
 """
 
 from __future__ import annotations
@@ -22,10 +24,20 @@ import torch
 import torch.nn.functional as F
 
 import he_service
-from he_service.artifacts import Conv2d, Flatten, Linear, ModelArtifact, Poly, load_artifact
+from he_service.artifacts import (
+    Add,
+    Conv2d,
+    Flatten,
+    Layer,
+    Linear,
+    ModelArtifact,
+    Poly,
+    load_artifact,
+)
 from he_service.engine import compile_plan, selfcheck
 from he_service.engine.plan import Plan
-from models.training import preprocess_batch, to_tensor
+from models.conversion import Position, position_of
+from models.training import preprocess_batch, task_metrics, to_tensor
 
 __all__ = [
     "ENCRYPTION_CHUNKS",
@@ -46,7 +58,7 @@ _WORKER = Path(__file__).resolve().parent / "_encrypt_worker.py"
 
 def artifact_forward(
     artifact: ModelArtifact, x: np.ndarray, *, capture: bool = False
-) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+) -> tuple[np.ndarray, dict[Position, np.ndarray]]:
     """Run the artifact's layers on a batch of preprocessed inputs, in float64.
 
     Args:
@@ -55,32 +67,53 @@ def artifact_forward(
         capture: also return each ``poly`` layer's inputs.
 
     Returns:
-        The outputs ``(n, outputs)`` and, if ``capture``, ``{layer index: inputs}``.
+        The outputs ``(n, outputs)`` and, if ``capture``, ``{position: inputs}`` with the
+        positions of ``models.conversion.Position`` (``(index,)``, or ``(index, branch,
+        index, ...)`` inside residual branches).
     """
     value = to_tensor(x, torch.float64).reshape((-1, *artifact.input_shape))
-    captured: dict[int, np.ndarray] = {}
+    captured: dict[Position, np.ndarray] = {}
     with torch.no_grad():
-        for index, layer in enumerate(artifact.layers):
-            if isinstance(layer, Conv2d):
-                value = F.conv2d(
-                    value,
-                    torch.from_numpy(layer.weight),
-                    torch.from_numpy(layer.bias),
-                    stride=layer.stride,
-                    padding=layer.padding,
-                )
-            elif isinstance(layer, Linear):
-                value = value @ torch.from_numpy(layer.weight).T + torch.from_numpy(layer.bias)
-            elif isinstance(layer, Flatten):
-                value = value.reshape(value.shape[0], -1)
-            elif isinstance(layer, Poly):
-                if capture:
-                    captured[index] = value.numpy().copy()
-                result = torch.full_like(value, layer.coeffs[-1])
-                for c in reversed(layer.coeffs[:-1]):
-                    result = result * value + c
-                value = result
+        value = _forward(artifact.layers, value, (), captured if capture else None)
     return value.numpy(), captured
+
+
+def _forward(
+    layers: tuple[Layer, ...],
+    value: torch.Tensor,
+    prefix: Position,
+    captured: dict[Position, np.ndarray] | None,
+) -> torch.Tensor:
+    for index, layer in enumerate(layers):
+        position = (*prefix, index)
+        if isinstance(layer, Conv2d):
+            value = F.conv2d(
+                value,
+                torch.from_numpy(layer.weight),
+                torch.from_numpy(layer.bias),
+                stride=layer.stride,
+                padding=layer.padding,
+            )
+        elif isinstance(layer, Linear):
+            value = value @ torch.from_numpy(layer.weight).T + torch.from_numpy(layer.bias)
+        elif isinstance(layer, Flatten):
+            value = value.reshape(value.shape[0], -1)
+        elif isinstance(layer, Poly):
+            if captured is not None:
+                captured[position] = value.numpy().copy()
+            result = torch.full_like(value, layer.coeffs[-1])
+            for c in reversed(layer.coeffs[:-1]):
+                result = result * value + c
+            value = result
+        elif isinstance(layer, Add):
+            outputs = [
+                _forward(branch, value, (*position, number), captured)
+                for number, branch in enumerate(layer.branches)
+            ]
+            value = outputs[0]
+            for output in outputs[1:]:
+                value = value + output
+    return value
 
 
 def _chunks(samples: np.ndarray, count: int) -> list[np.ndarray]:
@@ -168,12 +201,16 @@ def encrypted_outputs(
 
 @dataclass(frozen=True)
 class EncryptedMeasurement:
-    """Encrypted results on ``samples`` held-out samples with keys from ``seed``."""
+    """Encrypted results on ``samples`` held-out samples with keys from ``seed``.
+
+    ``metrics`` are the task's: ``accuracy`` and ``agreement`` (argmax equal to the plaintext
+    artifact's) for classification, ``mse``, ``mae`` and ``r2`` for regression.
+    ``max_abs_error`` is the largest encrypted-vs-plaintext output difference.
+    """
 
     samples: int
     seed: int
-    accuracy: float
-    agreement: float
+    metrics: dict[str, float]
     max_abs_error: float
 
     def to_json(self) -> dict[str, Any]:
@@ -181,8 +218,7 @@ class EncryptedMeasurement:
         return {
             "encrypted_samples": self.samples,
             "encrypted_seed": self.seed,
-            "encrypted_accuracy": self.accuracy,
-            "encrypted_agreement": self.agreement,
+            **{f"encrypted_{name}": value for name, value in self.metrics.items()},
             "encrypted_max_abs_error": self.max_abs_error,
         }
 
@@ -190,32 +226,46 @@ class EncryptedMeasurement:
 def measure_encrypted(
     artifact: ModelArtifact,
     x: np.ndarray,
-    labels: np.ndarray,
+    targets: np.ndarray,
     *,
     seed: int = 0,
     plan: Plan | None = None,
 ) -> EncryptedMeasurement:
-    """Compare encrypted predictions with the plaintext polynomial network on samples.
+    """Compare encrypted outputs with the targets and with the plaintext artifact.
 
     Args:
         artifact: the checked artifact.
         x: preprocessed samples.
-        labels: their labels.
+        targets: their labels (classification) or values (regression).
         seed: SEAL seed.
         plan: the compiled plan, if already at hand.
 
     Returns:
-        Encrypted accuracy, argmax agreement with the plaintext artifact, max |error|.
+        The task's metrics of the encrypted outputs (with the argmax agreement for
+        classification) and the max |error| against the plaintext artifact.
     """
     encrypted = encrypted_outputs(artifact, x, seed=seed, plan=plan)
     plain, _ = artifact_forward(artifact, x)
-    predicted = encrypted.argmax(axis=1)
+    metrics = task_metrics(artifact.task, encrypted, np.asarray(targets))
+    if artifact.task == "classification":
+        metrics["agreement"] = float(np.mean(encrypted.argmax(axis=1) == plain.argmax(axis=1)))
     return EncryptedMeasurement(
         samples=len(x),
         seed=seed,
-        accuracy=float(np.mean(predicted == np.asarray(labels))),
-        agreement=float(np.mean(predicted == plain.argmax(axis=1))),
+        metrics=metrics,
         max_abs_error=float(np.abs(encrypted - plain).max()),
+    )
+
+
+# How the metrics are printed, and whether more is better.
+_METRIC_NAMES = {"accuracy": "accuracy", "mse": "MSE", "mae": "MAE", "r2": "R^2"}
+
+
+def _shown(metrics: dict[str, float]) -> str:
+    return ", ".join(
+        f"{_METRIC_NAMES[name]} {value:.4f}"
+        for name, value in metrics.items()
+        if name in _METRIC_NAMES
     )
 
 
@@ -223,15 +273,17 @@ def measure_encrypted(
 class ArtifactEvaluation:
     """What ``he-models evaluate`` prints.
 
-    ``original_accuracy`` comes from the manifest (the network before conversion is not
+    ``original`` comes from the manifest's ``training`` section (``original_accuracy`` or
+    ``original_mse``/``original_mae``/``original_r2``; the network before conversion is not
     shipped); the rest is measured now. ``out_of_range`` is the fraction of the polynomial
     activations' inputs on the held-out data that fall outside the calibrated ranges.
     """
 
     name: str
+    task: str
     samples: int
-    original_accuracy: float | None
-    poly_accuracy: float
+    original: dict[str, float] | None
+    poly: dict[str, float]
     encrypted: EncryptedMeasurement
     out_of_range: float
     out_of_range_by_layer: tuple[tuple[str, float], ...]
@@ -241,37 +293,52 @@ class ArtifactEvaluation:
     @property
     def accuracy_drop(self) -> float | None:
         """Return original minus polynomial accuracy (positive: conversion lost accuracy)."""
-        if self.original_accuracy is None:
+        if self.original is None or "accuracy" not in self.original:
             return None
-        return self.original_accuracy - self.poly_accuracy
+        return self.original["accuracy"] - self.poly["accuracy"]
 
     def lines(self) -> list[str]:
         """Return the evaluation as lines of text."""
+        head = f"{self.name}: depth {self.depth}, N={self.ring}, {self.samples} held-out samples"
+        ranges = (
+            f"pre-activations outside the calibrated ranges: {100 * self.out_of_range:.3f}%"
+            + "".join(f"; {path} {100 * f:.3f}%" for path, f in self.out_of_range_by_layer)
+        )
+        encrypted = self.encrypted
+        if self.task == "regression":
+            original = "n/a (not recorded)" if not self.original else _shown(self.original)
+            return [
+                head,
+                f"plaintext (original network): {original}",
+                f"polynomial: {_shown(self.poly)}",
+                f"encrypted: {_shown(encrypted.metrics)} on {encrypted.samples} samples "
+                f"(seed {encrypted.seed})",
+                f"encrypted vs polynomial: max |error| {encrypted.max_abs_error:.2e}",
+                ranges,
+            ]
         original = (
             "n/a (not recorded)"
-            if self.original_accuracy is None
-            else f"{self.original_accuracy:.4f} (from the manifest)"
+            if self.original is None
+            else f"{self.original['accuracy']:.4f} (from the manifest)"
         )
         drop = self.accuracy_drop
-        lines = [
-            f"{self.name}: depth {self.depth}, N={self.ring}, {self.samples} held-out samples",
+        return [
+            head,
             f"plaintext accuracy (original network): {original}",
-            f"polynomial accuracy: {self.poly_accuracy:.4f}"
+            f"polynomial accuracy: {self.poly['accuracy']:.4f}"
             + ("" if drop is None else f" (original minus polynomial: {100 * drop:+.2f} points)"),
-            f"encrypted accuracy: {self.encrypted.accuracy:.4f} on {self.encrypted.samples} "
-            f"samples (seed {self.encrypted.seed})",
-            f"encrypted/polynomial agreement: {self.encrypted.agreement:.4f} "
-            f"(max |logit error| {self.encrypted.max_abs_error:.2e})",
-            f"pre-activations outside the calibrated ranges: {100 * self.out_of_range:.3f}%"
-            + "".join(f"; {path} {100 * f:.3f}%" for path, f in self.out_of_range_by_layer),
+            f"encrypted accuracy: {encrypted.metrics['accuracy']:.4f} on {encrypted.samples} "
+            f"samples (seed {encrypted.seed})",
+            f"encrypted/polynomial agreement: {encrypted.metrics['agreement']:.4f} "
+            f"(max |logit error| {encrypted.max_abs_error:.2e})",
+            ranges,
         ]
-        return lines
 
 
 def evaluate_artifact(
     path: str | Path,
     x_raw: np.ndarray,
-    labels: np.ndarray,
+    targets: np.ndarray,
     *,
     encrypted_samples: int | None = 200,
     seed: int = 0,
@@ -281,7 +348,7 @@ def evaluate_artifact(
     Args:
         path: the artifact directory.
         x_raw: raw held-out samples (the artifact's preprocessing is applied here).
-        labels: their labels.
+        targets: their labels (classification) or values (regression).
         encrypted_samples: how many of the first samples to run encrypted (None: all).
         seed: SEAL seed.
 
@@ -290,17 +357,16 @@ def evaluate_artifact(
     """
     artifact = load_artifact(path)
     x = preprocess_batch(x_raw, artifact.preprocessing, artifact.input_shape)
-    y = np.asarray(labels)
+    y = np.asarray(targets)
     outputs, captured = artifact_forward(artifact, x, capture=True)
-    poly_accuracy = float(np.mean(outputs.argmax(axis=1) == y))
     ranges = _ranges(artifact.manifest)
     outside = 0
     total = 0
     by_layer: list[tuple[str, float]] = []
-    for index, values in captured.items():
-        if index not in ranges:
+    for position, values in captured.items():
+        if position not in ranges:
             continue
-        name, (lo, hi) = ranges[index]
+        name, (lo, hi) = ranges[position]
         count = int(np.count_nonzero((values < lo) | (values > hi)))
         outside += count
         total += values.size
@@ -308,12 +374,12 @@ def evaluate_artifact(
     plan = compile_plan(artifact)
     n = len(x) if encrypted_samples is None else min(encrypted_samples, len(x))
     measurement = measure_encrypted(artifact, x[:n], y[:n], seed=seed, plan=plan)
-    original = artifact.manifest.get("training", {}).get("original_accuracy")
     return ArtifactEvaluation(
         name=artifact.name,
+        task=artifact.task,
         samples=len(x),
-        original_accuracy=None if original is None else float(original),
-        poly_accuracy=poly_accuracy,
+        original=_original(artifact.manifest),
+        poly=task_metrics(artifact.task, outputs, y),
         encrypted=measurement,
         out_of_range=outside / max(total, 1),
         out_of_range_by_layer=tuple(by_layer),
@@ -322,11 +388,22 @@ def evaluate_artifact(
     )
 
 
-def _ranges(manifest: dict[str, Any]) -> dict[int, tuple[str, tuple[float, float]]]:
+def _original(manifest: dict[str, Any]) -> dict[str, float] | None:
+    training = manifest.get("training", {})
+    recorded = {
+        name: float(training[f"original_{name}"])
+        for name in _METRIC_NAMES
+        if f"original_{name}" in training
+    }
+    return recorded or None
+
+
+def _ranges(manifest: dict[str, Any]) -> dict[Position, tuple[str, tuple[float, float]]]:
     entries: Sequence[dict[str, Any]] = manifest.get("conversion", {}).get("activations", [])
     result = {}
     for entry in entries:
         bounds = entry.get("range")
         if bounds is not None:
-            result[int(entry["layer"])] = (str(entry.get("path", entry["layer"])), tuple(bounds))
+            position = position_of(entry["layer"])
+            result[position] = (str(entry.get("path", entry["layer"])), tuple(bounds))
     return result

@@ -26,7 +26,7 @@ import numpy as np
 from torch import nn
 
 from he_service.artifacts import FORMAT, FORMAT_VERSION, ArtifactError, load_artifact
-from he_service.engine import CompileError, ParameterError, compile_model
+from he_service.engine import CompiledModel, CompileError, ParameterError, compile_model
 
 __all__ = [
     "FORMAT",
@@ -38,6 +38,7 @@ __all__ = [
     "export_artifact",
     "manifest_bytes",
     "npz_bytes",
+    "plan_lines",
     "state_arrays",
     "torch_release",
 ]
@@ -57,10 +58,61 @@ class ExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class ExportResult:
-    """Where an artifact was written and the sha256 of its weights file."""
+    """Where an artifact was written, the sha256 of its weights file, and its compiled plans.
+
+    ``compiled`` is what the server will serve (``he_service.engine.compile_model`` on the
+    written files); its plans' summaries are what the model card states.
+    """
 
     path: Path
     weights_sha256: str
+    compiled: CompiledModel
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def plan_lines(compiled: CompiledModel) -> list[str]:
+    """Describe each plan as its model card will: ring, primes, depth, keys, bytes, rotations.
+
+    Args:
+        compiled: the compiled model.
+
+    Returns:
+        One line per plan (latency, then batch), then the key budget.
+    """
+    lines = []
+    for kind, plan in (("latency", compiled.latency), ("batch", compiled.batch)):
+        summary = plan.summary()
+        bits = plan.params.coeff_modulus_bits
+        if kind == "latency":
+            request = f"request {_size(summary['request_bytes_per_sample'])} per sample"
+        else:
+            request = (
+                f"request {_size(summary['request_bytes_per_group'])} per group of "
+                f"{summary['samples_per_request']} samples"
+            )
+        line = (
+            f"{kind} plan: N={plan.params.poly_modulus_degree}, primes {list(bits[:-1])} + "
+            f"{bits[-1]}-bit special, depth {summary['depth']}; public keys "
+            f"{_size(summary['public_key_bytes'])} ({summary['public_key_bytes']} bytes, "
+            # The batch plan rotates nothing, so its summary lists no Galois keys.
+            f"{summary.get('galois_keys', 0)} Galois keys), {summary['rotations']} rotations; "
+            f"{request}"
+        )
+        if "expected_max_logit_error" in summary:
+            line += f"; expected max |logit error| {summary['expected_max_logit_error']:.3g}"
+        lines.append(line)
+    lines.append(
+        f"key budget {_size(compiled.key_budget_bytes)} ({compiled.key_budget_bytes} bytes) "
+        "per plan"
+    )
+    return lines
 
 
 def torch_release() -> str:
@@ -135,7 +187,7 @@ def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
     return (text + "\n").encode("utf-8")
 
 
-def _self_check(artifact_dir: Path, arrays: Mapping[str, np.ndarray]) -> None:
+def _self_check(artifact_dir: Path, arrays: Mapping[str, np.ndarray]) -> CompiledModel:
     with np.load(artifact_dir / WEIGHTS_FILE, allow_pickle=False) as npz:
         if list(npz.files) != list(arrays):
             raise ExportError(f"weights.npz holds {npz.files}, expected {list(arrays)}")
@@ -148,7 +200,7 @@ def _self_check(artifact_dir: Path, arrays: Mapping[str, np.ndarray]) -> None:
     except ArtifactError as exc:
         raise ExportError(f"the server would refuse this artifact: {exc}") from exc
     try:
-        compile_model(artifact)
+        return compile_model(artifact)
     except ParameterError as exc:
         raise ExportError(f"the engine cannot run this network: {exc}") from exc
     except CompileError as exc:
@@ -177,7 +229,7 @@ def export_artifact(
             written file; its ``name`` must equal ``name``.
 
     Returns:
-        The artifact directory and the sha256 of ``weights.npz``.
+        The artifact directory, the sha256 of ``weights.npz`` and the compiled plans.
 
     Raises:
         ValueError: for a bad name or a manifest whose name differs or that already has
@@ -212,7 +264,7 @@ def export_artifact(
         fresh.mkdir()
         (fresh / WEIGHTS_FILE).write_bytes(weights)
         (fresh / MANIFEST_FILE).write_bytes(manifest_data)
-        _self_check(fresh, stored)
+        compiled = _self_check(fresh, stored)
         if target.exists():
             previous = staging / ".previous"
             target.rename(previous)
@@ -225,4 +277,4 @@ def export_artifact(
             fresh.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(path=target, weights_sha256=digest)
+    return ExportResult(path=target, weights_sha256=digest, compiled=compiled)

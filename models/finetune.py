@@ -4,7 +4,8 @@ Replacing ReLU by a degree-2 polynomial changes every later layer's input; a few
 training with the polynomials in place let the weights adapt. The polynomials themselves stay
 fixed (they are what the report and the manifest describe). A penalty keeps each activation's
 inputs inside the range its polynomial was fitted on: outside it a polynomial grows like
-``x^degree`` and one stray value can swamp the logits.
+``x^degree`` and one stray value can swamp the logits. Residual blocks are trained through like
+any other module; their frozen per-channel scales (skip connections) stay as they are.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from he_service.artifacts import DEFAULT_TASK
 from models.conversion import ConvertedNetwork
 from models.polynomial import PolyActivation
-from models.training import TrainConfig, deterministic_torch, to_tensor, train_loop
+from models.training import TrainConfig, deterministic_torch, target_tensor, to_tensor, train_loop
 
 __all__ = ["FineTuneConfig", "fine_tune", "out_of_range_fractions"]
 
@@ -61,25 +63,33 @@ def fine_tune(
     x: np.ndarray | torch.Tensor,
     y: np.ndarray | torch.Tensor,
     config: FineTuneConfig | None = None,
+    *,
+    task: str = DEFAULT_TASK,
 ) -> ConvertedNetwork:
     """Train the affine layers of a copy of ``network`` with its polynomials in place.
 
-    The loss is cross-entropy plus ``range_weight`` times, for every fitted polynomial, the
-    mean squared distance of its inputs outside ``[lo, hi]`` relative to the range's half
-    width. Average poolings and polynomial coefficients stay fixed. Deterministic for a seed.
+    The loss is the task's (cross-entropy for classification, mean squared error for
+    regression) plus ``range_weight`` times, for every fitted polynomial, the mean squared
+    distance of its inputs outside ``[lo, hi]`` relative to the range's half width. Average
+    poolings, per-channel scales and polynomial coefficients stay fixed. Deterministic for a
+    seed.
 
     Args:
         network: a converted network; not modified.
         x: preprocessed training inputs ``(n, *input_shape)``.
-        y: int labels ``(n,)``.
+        y: int labels ``(n,)``, or regression targets ``(n,)`` / ``(n, outputs)``.
         config: hyper-parameters; defaults to ``FineTuneConfig()``.
+        task: ``classification`` or ``regression``.
 
     Returns:
         The fine-tuned copy, float64, eval mode.
+
+    Raises:
+        ValueError: for an unknown task.
     """
     cfg = config or FineTuneConfig()
     inputs = to_tensor(x, torch.float32)
-    labels = to_tensor(y, torch.int64)
+    labels = target_tensor(y, task)
     with deterministic_torch(cfg.seed):
         tuned = copy.deepcopy(network).to(torch.float32)
         penalties: list[torch.Tensor] = []
@@ -107,6 +117,7 @@ def fine_tune(
                     weight_decay=cfg.weight_decay,
                 ),
                 extra_loss=penalty if handles else None,
+                task=task,
             )
         finally:
             for handle in handles:

@@ -1,8 +1,9 @@
 """Turn a ``ConvertedNetwork`` into an artifact: manifest layers, weights, checks, export.
 
 Each child of the network becomes one manifest layer (Conv2d and ``PoolConv2d`` -> ``conv2d``,
-Linear -> ``linear``, Flatten -> ``flatten``, ``PolyActivation`` -> ``poly``); weights are named
-after the original module path (``conv1.weight``). Before anything is written the outputs are
+Linear -> ``linear``, Flatten -> ``flatten``, ``PolyActivation`` -> ``poly``, ``Residual`` ->
+``add`` with its branches' layers, recursively); weights are named after the original module
+path (``conv1.weight``). Before anything is written the outputs are
 checked against the engine's output headroom; ``export_artifact`` then runs the server's loader
 and compiler on the staged files before renaming them into place.
 """
@@ -18,9 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from he_service.artifacts import format_version_for
+from he_service.artifacts import DEFAULT_TASK, TASKS, format_version_for
 from he_service.engine.params import OUTPUT_HEADROOM_BITS
-from models.conversion import ConversionReport, ConvertedNetwork
+from models.conversion import (
+    ConversionReport,
+    ConvertedNetwork,
+    Residual,
+    position_json,
+    position_of,
+)
 from models.export import FORMAT, ExportError, ExportResult, export_artifact
 from models.polynomial import PolyActivation
 from models.training import to_tensor
@@ -51,34 +58,43 @@ def network_layers(network: ConvertedNetwork) -> tuple[list[dict[str, Any]], dic
         network: the converted network.
 
     Returns:
-        The layer specs and float64 arrays named ``<path>.weight`` / ``<path>.bias``.
+        The layer specs (``add`` specs hold their branches' specs) and float64 arrays named
+        ``<path>.weight`` / ``<path>.bias``.
 
     Raises:
         TypeError: for a child that is not a converted layer.
     """
-    layers: list[dict[str, Any]] = []
     arrays: dict[str, np.ndarray] = {}
-    for path, module in zip(network.paths, network, strict=True):
-        if isinstance(module, nn.Conv2d | nn.Linear):
-            assert module.bias is not None
-            arrays[f"{path}.weight"] = module.weight.detach().to(torch.float64).numpy().copy()
-            arrays[f"{path}.bias"] = module.bias.detach().to(torch.float64).numpy().copy()
-            spec: dict[str, Any] = {
-                "kind": "conv2d" if isinstance(module, nn.Conv2d) else "linear",
-                "weight": f"{path}.weight",
-                "bias": f"{path}.bias",
-            }
-            if isinstance(module, nn.Conv2d):
-                spec["stride"] = [int(v) for v in module.stride]
-                spec["padding"] = [int(v) for v in module.padding]
-            layers.append(spec)
-        elif isinstance(module, nn.Flatten):
-            layers.append({"kind": "flatten"})
-        elif isinstance(module, PolyActivation):
-            layers.append({"kind": "poly", "coeffs": list(module.coeffs)})
-        else:
-            raise TypeError(f"{path}: {type(module).__name__} is not a converted layer")
-    return layers, arrays
+
+    def chain(part: ConvertedNetwork) -> list[dict[str, Any]]:
+        layers: list[dict[str, Any]] = []
+        for path, module in zip(part.paths, part, strict=True):
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                assert module.bias is not None
+                arrays[f"{path}.weight"] = module.weight.detach().to(torch.float64).numpy().copy()
+                arrays[f"{path}.bias"] = module.bias.detach().to(torch.float64).numpy().copy()
+                spec: dict[str, Any] = {
+                    "kind": "conv2d" if isinstance(module, nn.Conv2d) else "linear",
+                    "weight": f"{path}.weight",
+                    "bias": f"{path}.bias",
+                }
+                if isinstance(module, nn.Conv2d):
+                    spec["stride"] = [int(v) for v in module.stride]
+                    spec["padding"] = [int(v) for v in module.padding]
+                layers.append(spec)
+            elif isinstance(module, nn.Flatten):
+                layers.append({"kind": "flatten"})
+            elif isinstance(module, PolyActivation):
+                layers.append({"kind": "poly", "coeffs": list(module.coeffs)})
+            elif isinstance(module, Residual):
+                layers.append(
+                    {"kind": "add", "branches": [chain(branch) for branch in module.networks()]}
+                )
+            else:
+                raise TypeError(f"{path}: {type(module).__name__} is not a converted layer")
+        return layers
+
+    return chain(network), arrays
 
 
 def max_abs_output(network: nn.Module, x: np.ndarray | torch.Tensor) -> float:
@@ -109,27 +125,40 @@ def converted_manifest(
     output_bound: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    task: str = DEFAULT_TASK,
+    key_budget_bytes: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Build the manifest (without ``weights``) and the arrays for ``export_artifact``.
 
     The manifest's ``conversion`` section records the report (fitted ranges, degrees, errors,
-    depth) with each activation's layer index, so evaluation can measure how often held-out
-    data leaves the calibrated ranges.
+    depth) with each activation's layer position, so evaluation can measure how often
+    held-out data leaves the calibrated ranges.
 
     Args:
         network: the converted network.
         name: the artifact name.
-        labels: one label per output.
+        labels: one label per output (for regression, the name of each output value).
         preprocessing: ``scale``, ``mean``, ``std`` the client applies.
         description: one line for the model card.
         report: the conversion report, if any.
         output_bound: the checked output bound (``max_abs_output``, ``samples``, ``limit``).
         training: the ``training`` section, if any.
         provenance: the ``provenance`` section, if any.
+        task: ``classification`` or ``regression`` (``output.task``; written only when it
+            is not the default, so classification manifests keep their format-1 bytes).
+        key_budget_bytes: the public-key budget the engine holds both plans to
+            (``serving.key_budget_bytes``); None leaves the engine's default.
 
     Returns:
         The manifest and the arrays.
+
+    Raises:
+        ValueError: for an unknown task or a budget that is not positive.
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if key_budget_bytes is not None and key_budget_bytes <= 0:
+        raise ValueError(f"the key budget must be positive, got {key_budget_bytes} bytes")
     layers, arrays = network_layers(network)
     conversion: dict[str, Any] = {}
     if report is not None:
@@ -156,6 +185,10 @@ def converted_manifest(
         "output": {"labels": [str(label) for label in labels]},
         "conversion": conversion,
     }
+    if task != DEFAULT_TASK:
+        manifest["output"]["task"] = task
+    if key_budget_bytes is not None:
+        manifest["serving"] = {"key_budget_bytes": int(key_budget_bytes)}
     if training is not None:
         manifest["training"] = dict(training)
     if provenance is not None:
@@ -166,10 +199,10 @@ def converted_manifest(
 def _activation_entries(
     network: ConvertedNetwork, reported: list[dict[str, Any]] | None
 ) -> list[dict[str, Any]]:
-    by_layer = {entry["layer"]: entry for entry in reported or []}
+    by_position = {position_of(entry["layer"]): entry for entry in reported or []}
     entries = []
-    for index, path, module in network.activations():
-        entry = dict(by_layer.get(index, {"path": path, "layer": index}))
+    for position, path, module in network.activations():
+        entry = dict(by_position.get(position, {"path": path, "layer": position_json(position)}))
         entry["coeffs"] = list(module.coeffs)
         finite = math.isfinite(module.lo) and math.isfinite(module.hi)
         # JSON has no infinity: an exact x^2 has no fitted range.
@@ -190,6 +223,8 @@ def export_converted(
     report: ConversionReport | None = None,
     training: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    task: str = DEFAULT_TASK,
+    key_budget_bytes: int | None = None,
 ) -> ExportResult:
     """Check and export a converted network to ``<out_dir>/<name>/``.
 
@@ -205,15 +240,18 @@ def export_converted(
         report: the conversion report, recorded in the manifest.
         training: the manifest's ``training`` section, if any.
         provenance: the manifest's ``provenance`` section, if any.
+        task: ``classification`` or ``regression``.
+        key_budget_bytes: the public-key budget for both plans (None: the engine's default).
 
     Returns:
-        Where the artifact went and its weights sha256.
+        Where the artifact went, its weights sha256 and the compiled plans.
 
     Raises:
         OutputRangeError: an output reaches ``OUTPUT_LIMIT``; nothing is written.
-        ExportError: the server would refuse the artifact or the engine cannot compile it (the
-            message gives the depth needed and the maximum); nothing is written.
-        ValueError: for a bad name.
+        ExportError: the server would refuse the artifact or the engine cannot compile it (too
+            deep, or public keys over the budget; the message says what to change); nothing
+            is written.
+        ValueError: for a bad name, task or budget.
         OSError: if the files cannot be written.
     """
     manifest, arrays = converted_manifest(
@@ -226,6 +264,8 @@ def export_converted(
         output_bound=check_output_bound(network, check_x),
         training=training,
         provenance=provenance,
+        task=task,
+        key_budget_bytes=key_budget_bytes,
     )
     return export_artifact(out_dir, name, arrays, manifest)
 

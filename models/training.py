@@ -1,4 +1,8 @@
-"""Train and evaluate classifiers reproducibly on CPU.
+"""Train and evaluate classifiers and regressors reproducibly on CPU.
+
+The task (``he_service.artifacts.TASKS``) picks the loss and the metrics, in one place:
+classification trains with cross-entropy on int labels and reports accuracy; regression trains
+with mean squared error on float targets and reports MSE, MAE and R^2.
 
 Reproducibility is the point: the shipped artifact's sha256 is checked by retraining, so
 every source of nondeterminism is pinned — initial weights (``torch.manual_seed``), batch order
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from he_service.artifacts import DEFAULT_TASK, TASKS
 from he_service.protocol import preprocess
 
 __all__ = [
@@ -29,7 +34,10 @@ __all__ = [
     "TrainResult",
     "classifier_accuracy",
     "deterministic_torch",
+    "model_outputs",
     "preprocess_batch",
+    "target_tensor",
+    "task_metrics",
     "to_tensor",
     "train_loop",
 ]
@@ -132,6 +140,78 @@ def preprocess_batch(
     return np.stack([preprocess(sample, spec, shape) for sample in array])
 
 
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+
+
+def target_tensor(y: np.ndarray | torch.Tensor, task: str = DEFAULT_TASK) -> torch.Tensor:
+    """Return training targets for a task: int64 labels, or float32 values ``(n, outputs)``.
+
+    Args:
+        y: labels ``(n,)`` for classification; values ``(n,)`` or ``(n, outputs)`` for
+            regression (one output per column).
+        task: ``classification`` or ``regression``.
+
+    Returns:
+        The target tensor.
+
+    Raises:
+        ValueError: for an unknown task.
+    """
+    _check_task(task)
+    if task == "classification":
+        return to_tensor(y, torch.int64)
+    values = to_tensor(y, torch.float32)
+    return values.reshape(len(values), -1)
+
+
+def task_metrics(task: str, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Score network outputs against targets: accuracy, or MSE, MAE and R^2.
+
+    Args:
+        task: ``classification`` or ``regression``.
+        outputs: the network's outputs ``(n, outputs)``.
+        targets: int labels ``(n,)``, or values ``(n,)`` / ``(n, outputs)``.
+
+    Returns:
+        ``{"accuracy"}`` for classification; ``{"mse", "mae", "r2"}`` for regression, with
+        R^2 averaged over the outputs (1 is perfect, 0 is predicting each output's mean).
+
+    Raises:
+        ValueError: for an unknown task.
+    """
+    _check_task(task)
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if task == "classification":
+        return {"accuracy": float(np.mean(outputs.argmax(axis=1) == np.asarray(targets)))}
+    values = np.asarray(targets, dtype=np.float64).reshape(outputs.shape)
+    errors = outputs - values
+    spread = ((values - values.mean(axis=0)) ** 2).sum(axis=0)
+    r2 = 1.0 - (errors**2).sum(axis=0) / np.where(spread > 0, spread, 1.0)
+    return {
+        "mse": float(np.mean(errors**2)),
+        "mae": float(np.mean(np.abs(errors))),
+        "r2": float(np.mean(r2)),
+    }
+
+
+def model_outputs(model: nn.Module, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Run a copy of ``model`` in float64 and eval mode, deterministically.
+
+    Args:
+        model: a network taking preprocessed inputs; it is not modified.
+        x: preprocessed inputs shaped ``(n, *input_shape)``.
+
+    Returns:
+        The outputs ``(n, outputs)``.
+    """
+    evaluated = copy.deepcopy(model).to(torch.float64).eval()
+    with deterministic_torch(0), torch.no_grad():
+        outputs: np.ndarray = evaluated(to_tensor(x, torch.float64)).numpy()
+    return outputs
+
+
 def classifier_accuracy(
     model: nn.Module, x: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor
 ) -> float:
@@ -145,9 +225,7 @@ def classifier_accuracy(
     Returns:
         The fraction of samples whose highest output is the true label.
     """
-    evaluated = copy.deepcopy(model).to(torch.float64).eval()
-    with deterministic_torch(0), torch.no_grad():
-        predicted = evaluated(to_tensor(x, torch.float64)).argmax(dim=1)
+    predicted = torch.from_numpy(model_outputs(model, x)).argmax(dim=1)
     correct = int((predicted == to_tensor(labels, torch.int64)).sum())
     return correct / len(labels)
 
@@ -158,8 +236,9 @@ def train_loop(
     y: torch.Tensor,
     config: TrainConfig,
     extra_loss: Callable[[], torch.Tensor] | None = None,
+    task: str = DEFAULT_TASK,
 ) -> None:
-    """Train ``model`` in place with Adam and cross-entropy, deterministically for a seed.
+    """Train ``model`` in place with Adam, deterministically for a seed.
 
     Call it inside ``deterministic_torch``; batch order comes from a private generator seeded
     with ``config.seed``. The model is left in eval mode.
@@ -167,16 +246,21 @@ def train_loop(
     Args:
         model: the network; parameters with ``requires_grad=False`` stay fixed.
         x: preprocessed inputs (float32 for speed).
-        y: int64 labels.
+        y: targets as ``target_tensor`` makes them for the task.
         config: epochs, batch size, learning rate, weight decay, seed.
         extra_loss: called after each forward pass; its value is added to the loss (e.g. a
             penalty collected by forward hooks).
+        task: ``classification`` (cross-entropy) or ``regression`` (mean squared error).
+
+    Raises:
+        ValueError: for an unknown task.
     """
+    _check_task(task)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
     # A private generator keeps batch order independent of any other use of the global RNG.
     shuffler = torch.Generator().manual_seed(config.seed)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn: nn.Module = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
     model.train()
     for _ in range(config.epochs):
         order = torch.randperm(len(y), generator=shuffler)

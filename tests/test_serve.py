@@ -50,7 +50,7 @@ class Server:
         return lines
 
 
-def _start(tmp_path: Path, workers: int) -> Server:
+def _start(tmp_path: Path, workers: int, settings: dict[str, str] | None = None) -> Server:
     port = _free_port()
     log = tmp_path / f"server-{workers}.log"
     env = {
@@ -58,6 +58,7 @@ def _start(tmp_path: Path, workers: int) -> Server:
         "HE_SERVICE_KEY_STORE_DIR": str(tmp_path / "contexts"),
         "HE_SERVICE_API_TOKENS": "",
         "PYTHONUNBUFFERED": "1",
+        **(settings or {}),
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with log.open("wb") as sink:
@@ -226,3 +227,71 @@ def test_uploaded_contexts_survive_a_restart(tmp_path: Path) -> None:
     finally:
         second.process.send_signal(signal.SIGTERM)
         second.process.wait(timeout=GRACEFUL_TIMEOUT + 10)
+
+
+@linux_only
+@pytest.mark.parametrize("staging", ["disk", "redis"])
+def test_upload_parts_on_several_workers_are_assembled(
+    tmp_path: Path, staging: str, request: pytest.FixtureRequest
+) -> None:
+    """A batch group larger than one body, its parts taken by different worker processes."""
+    from clients import HEClient
+    from he_service.artifacts import load_artifact
+    from he_service.config import DEFAULT_MODELS_DIR
+    from he_service.engine import forward_plain
+    from he_service.protocol import encode_frames, preprocess
+    from models.datasets import load_breast_cancer_split
+
+    # One breast-cancer-mlp group is 30 ciphertexts of about 205 KB: 6 MB, three times a body.
+    settings = {
+        "HE_SERVICE_MAX_BATCH_BYTES": str(2 << 20),
+        "HE_SERVICE_MAX_PART_BYTES": str(1 << 20),
+    }
+    if staging == "redis":
+        settings["HE_SERVICE_REDIS_URL"] = request.getfixturevalue("redis_url")
+    server = _start(tmp_path, workers=2, settings=settings)
+    try:
+        with HEClient(server.url) as client:
+            session = client.model("breast-cancer-mlp", plan="batch")
+            raw = load_breast_cancer_split(0).x_test[:20]
+            artifact = load_artifact(DEFAULT_MODELS_DIR / "breast-cancer-mlp")
+            plain = np.stack(
+                [forward_plain(artifact, preprocess(x, artifact.preprocessing, (30,))) for x in raw]
+            )
+            np.testing.assert_allclose(session.predict_many(raw), plain, atol=1e-2)
+            group = session.encrypt(raw[0])
+            route = "/v1/uploads/<upload_id>/parts/<int:index>"
+            workers: set[int] = set()
+            for _ in range(10):  # the kernel picks the worker: upload until two took parts
+                seen = len(server.access_lines())
+                upload_id = client.create_upload(
+                    "breast-cancer-mlp", session.context_id, plan="batch"
+                )["upload_id"]
+                for index, first in enumerate(range(0, 30, 3)):
+                    answer = httpx.put(  # a new connection per part
+                        f"{server.url}/v1/uploads/{upload_id}/parts/{index}",
+                        content=encode_frames(group[first : first + 3]),
+                        timeout=30,
+                    )
+                    assert answer.status_code == 200, answer.text
+                outputs, _ = client.predict_upload(upload_id)
+                logits = session.spec.output_decoding.decode(
+                    [session.keys.decrypt(ct) for ct in outputs], 1
+                )
+                np.testing.assert_allclose(logits[0], plain[0], atol=1e-2)
+                lines = server.access_lines()[seen:]
+                workers = {int(str(line["pid"])) for line in lines if line["route"] == route}
+                if len(workers) >= 2:
+                    break
+            assert len(workers) >= 2, "every part reached the same worker ten times in a row"
+            assert workers <= _children(server.process.pid)
+        # Every prediction consumed its upload: nothing stays staged.
+        if staging == "disk":
+            assert not list((tmp_path / "contexts" / "uploads").glob("*/*"))
+        else:
+            import redis
+
+            assert not redis.Redis.from_url(settings["HE_SERVICE_REDIS_URL"]).keys("*uploads*")
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=GRACEFUL_TIMEOUT + 10)

@@ -1,7 +1,12 @@
 """Compile models into CKKS evaluation plans and run them on ciphertexts."""
 
 from he_service.engine.batch import BatchEvaluator, BatchPlan, compile_batch_plan
-from he_service.engine.compiler import DEFAULT_KEY_BUDGET_BYTES, CompileError, compile_plan
+from he_service.engine.compiler import (
+    DEFAULT_KEY_BUDGET_BYTES,
+    CompileError,
+    compile_plan,
+    key_budget_of,
+)
 from he_service.engine.evaluator import EncryptedEvaluator, EvaluationError, Timings
 from he_service.engine.model import CompiledModel, compile_model
 from he_service.engine.params import ParameterError, max_depth_by_ring
@@ -35,5 +40,6 @@ __all__ = [
     "compile_model",
     "compile_plan",
     "forward_plain",
+    "key_budget_of",
     "max_depth_by_ring",
 ]

@@ -365,7 +365,9 @@ def dense_product(
     best_cost = math.inf
     for width in _giant_widths(length, allow_babies):
         box = Box((stride, stride * width), (width, -(-length // width)))
-        diagonals = {(u % width, u // width): vectors[k] for k, u in enumerate(units)}
+        diagonals: dict[Coords, np.ndarray] = {
+            (u % width, u // width): vectors[k] for k, u in enumerate(units)
+        }
         product = _best_product(box, diagonals, folds, slots, 0, cost, allow_babies)
         value = cost(product.rotations(), len(product.diagonals))
         if value < best_cost:

@@ -29,6 +29,7 @@ import numpy as np
 from he_service.engine.methods import GatherInput
 from he_service.engine.plan import LinearStep, Plan, PolyApply
 from he_service.engine.poly import SquareStep
+from he_service.engine.schedule import NumpyBackend
 
 __all__ = ["NoiseEstimate", "estimate_noise"]
 
@@ -51,7 +52,7 @@ class NoiseEstimate:
         }
 
 
-class _NoisyBackend:
+class _NoisyBackend(NumpyBackend[np.ndarray]):
     def __init__(
         self, plaintexts: list[np.ndarray], rest: float, product: float, rng: np.random.Generator
     ) -> None:
@@ -61,12 +62,6 @@ class _NoisyBackend:
     def rotate(self, value: np.ndarray, step: int, *, on_product: bool) -> np.ndarray:
         sigma = self.product if on_product else self.rest
         return np.roll(value, -step) + self.rng.normal(0.0, sigma, value.size)
-
-    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return a + b
-
-    def multiply(self, value: np.ndarray, diagonal: int) -> np.ndarray:
-        return value * self.plaintexts[diagonal]
 
 
 def estimate_noise(plan: Plan, samples: int = 6, seed: int = 0) -> NoiseEstimate:
@@ -108,12 +103,12 @@ def estimate_noise(plan: Plan, samples: int = 6, seed: int = 0) -> NoiseEstimate
             weight = _weight_scale(plan, step, after, data, scale)
             total = step.bias.copy()
             for term in step.terms:
+                value: np.ndarray
                 product = term.product
                 if isinstance(product, GatherInput):
-                    value = sum(
-                        (p + rng.normal(0.0, encode / weight, slots)) * v
-                        for p, v in zip(product.plaintexts, noisy_inputs, strict=True)
-                    )
+                    value = np.zeros(slots)
+                    for p, v in zip(product.plaintexts, noisy_inputs, strict=True):
+                        value = value + (p + rng.normal(0.0, encode / weight, slots)) * v
                     for fold in product.folds:
                         value = (
                             value

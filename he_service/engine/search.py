@@ -140,15 +140,15 @@ def search_layouts(graph: Graph, model: CostModel, *, allow_babies: bool) -> Lay
                 )
                 continue
             last = number == graph.output
-            for step, cost, index in _linear_options(
+            for linear, cost, index in _linear_options(
                 graph, number, node, state, levels[number], model, allow_babies, last
             ):
-                layouts = {**state.layouts, number: step.out}
+                layouts = {**state.layouts, number: linear.out}
                 successors.append(
                     _State(
                         state.cost + cost,
                         layouts,
-                        [*state.steps, step],
+                        [*state.steps, linear],
                         index if index is not None else state.index,
                     )
                 )
@@ -474,10 +474,11 @@ def _to_target(
                     cost(product.rotations(), len(product.diagonals)),
                 )
     if target.clean:
-        product = dense_product(
+        dense = dense_product(
             term.chain.matrix(), source, target, slots, cost, allow_babies=allow_babies
         )
-        if product is not None:
+        if dense is not None:
+            product = dense
             yield (
                 TermPlan(
                     term.source,

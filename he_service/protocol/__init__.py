@@ -1,23 +1,49 @@
 """Wire protocol shared by the server and the client SDK (numpy and tenseal only)."""
 
-from he_service.protocol.batch_encoding import decode_batch, encode_batch
+from he_service.protocol.batch_encoding import (
+    BatchDecoding,
+    BatchEncoding,
+    decode_batch,
+    encode_batch,
+)
 from he_service.protocol.card import CARD_VERSION, ModelCard, PlanCard
-from he_service.protocol.encoding import decode_output, encode_input, preprocess
+from he_service.protocol.encoding import (
+    GatherEncoding,
+    PrefixDecoding,
+    decode_output,
+    encode_input,
+    preprocess,
+)
 from he_service.protocol.errors import ProtocolError
-from he_service.protocol.framing import CONTEXT_HEADER, MEDIA_TYPE, decode_frames, encode_frames
+from he_service.protocol.framing import (
+    CONTEXT_HEADER,
+    MEDIA_TYPE,
+    decode_frames,
+    encode_frames,
+    framed_size,
+)
 from he_service.protocol.keys import KeyBundle, decode_key_bundle, encode_key_bundle
 from he_service.protocol.params import CkksParams, galois_element, seal_context
+from he_service.protocol.plans import PlanCosts, PlanKind, PlanLimits, Task
 from he_service.protocol.seal_io import load_seal, save_seal
 
 __all__ = [
     "CARD_VERSION",
     "CONTEXT_HEADER",
     "MEDIA_TYPE",
+    "BatchDecoding",
+    "BatchEncoding",
     "CkksParams",
+    "GatherEncoding",
     "KeyBundle",
     "ModelCard",
     "PlanCard",
+    "PlanCosts",
+    "PlanKind",
+    "PlanLimits",
+    "PrefixDecoding",
     "ProtocolError",
+    "Task",
     "decode_batch",
     "decode_frames",
     "decode_key_bundle",
@@ -26,6 +52,7 @@ __all__ = [
     "encode_frames",
     "encode_input",
     "encode_key_bundle",
+    "framed_size",
     "galois_element",
     "load_seal",
     "preprocess",

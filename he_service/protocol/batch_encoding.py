@@ -7,11 +7,112 @@ one ciphertext per model output, laid out the same way. Both sides call these fu
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import numpy as np
 
+from he_service.protocol._fields import read_int, read_object
 from he_service.protocol.errors import ProtocolError
 
-__all__ = ["decode_batch", "encode_batch"]
+__all__ = ["BatchDecoding", "BatchEncoding", "decode_batch", "encode_batch"]
+
+
+@dataclass(frozen=True)
+class BatchEncoding:
+    """One sample per slot: a unit is a group of ``slot_count`` samples, one row per feature."""
+
+    kind: ClassVar[str] = "batch"
+    features: int
+    slot_count: int
+
+    @property
+    def ciphertexts_per_unit(self) -> int:
+        return self.features
+
+    @property
+    def samples_per_unit(self) -> int:
+        return self.slot_count
+
+    def units(self, samples: np.ndarray) -> Iterator[list[np.ndarray]]:
+        """Yield, per group of preprocessed ``samples`` (count, *input_shape), its slot rows.
+
+        Raises:
+            ProtocolError: samples with another number of features than the card's.
+        """
+        for group in encode_batch(samples, self.slot_count):
+            if group.shape[0] != self.features:
+                raise ProtocolError(
+                    f"samples have {group.shape[0]} features, the card expects {self.features}"
+                )
+            yield list(group)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "features": self.features, "slot_count": self.slot_count}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> BatchEncoding:
+        """Read and check a batch encoding.
+
+        Raises:
+            ProtocolError: another kind, a missing field, or a slot count not a power of two.
+        """
+        where = "input_encoding"
+        doc = read_object(doc, where)
+        if doc.get("kind") != cls.kind:
+            raise ProtocolError(f"unknown input encoding {doc.get('kind')!r:.40}")
+        slots = read_int(doc, "slot_count", where, minimum=1)
+        _check_slot_count(slots)
+        return cls(read_int(doc, "features", where, minimum=1), slots)
+
+
+@dataclass(frozen=True)
+class BatchDecoding:
+    """One output ciphertext per model output, sample ``j`` of a group in slot ``j``."""
+
+    kind: ClassVar[str] = "batch"
+    outputs: int
+
+    @property
+    def ciphertexts_per_unit(self) -> int:
+        return self.outputs
+
+    def decode(self, outputs: Sequence[np.ndarray], count: int) -> np.ndarray:
+        """Return the outputs of ``count`` samples from the decrypted output ciphertexts.
+
+        Args:
+            outputs: the decrypted slots of every output ciphertext, group after group.
+            count: the number of samples that were encoded (padding is dropped).
+
+        Raises:
+            ProtocolError: not ``outputs`` ciphertexts per group, or inconsistent shapes.
+        """
+        if not outputs or len(outputs) % self.outputs:
+            raise ProtocolError(
+                f"a group has {self.outputs} output ciphertexts, got {len(outputs)} in all"
+            )
+        groups = [
+            np.stack(outputs[first : first + self.outputs])
+            for first in range(0, len(outputs), self.outputs)
+        ]
+        return decode_batch(groups, count)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "outputs": self.outputs}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> BatchDecoding:
+        """Read and check a batch decoding.
+
+        Raises:
+            ProtocolError: another kind or a missing field.
+        """
+        where = "output_decoding"
+        doc = read_object(doc, where)
+        if doc.get("kind") != cls.kind:
+            raise ProtocolError(f"unknown output decoding {doc.get('kind')!r:.40}")
+        return cls(read_int(doc, "outputs", where, minimum=1))
 
 
 def encode_batch(samples: np.ndarray, slot_count: int) -> list[np.ndarray]:

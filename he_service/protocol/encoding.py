@@ -1,19 +1,23 @@
-"""Symmetric encodings between model-space arrays and CKKS slot vectors.
+"""Symmetric encodings between model-space arrays and CKKS slot vectors (latency plan).
 
 The model card names an input encoding and an output decoding; the client SDK and the server's
-tests call these same functions, so a layout change is made in exactly one place.
+tests call these same classes, so a layout change is made in exactly one place. Every encoding
+lays out *units* (see ``plans``): here one sample per unit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
+from he_service.protocol._fields import read_int, read_object
 from he_service.protocol.errors import ProtocolError
 
-__all__ = ["decode_output", "encode_input", "preprocess"]
+__all__ = ["GatherEncoding", "PrefixDecoding", "decode_output", "encode_input", "preprocess"]
 
 
 def preprocess(x: np.ndarray, spec: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndarray:
@@ -44,16 +48,152 @@ def preprocess(x: np.ndarray, spec: Mapping[str, Any], shape: tuple[int, ...]) -
     return (array - mean) / std
 
 
-def encode_input(x: np.ndarray, encoding: Mapping[str, Any]) -> list[np.ndarray]:
-    """Lay one preprocessed sample out in CKKS slots as the card's ``input_encoding`` says.
+@dataclass(frozen=True)
+class GatherEncoding:
+    """Per ciphertext, the input element each slot of one period carries (-1: zero).
 
-    The ``gather`` encoding lists, per ciphertext, the input element each slot of one period
-    carries (-1: zero); the period repeats to fill the ciphertext. The server's first layer is
-    then plaintext products and a few folds, with no rotation of the input.
+    The period repeats to fill the ciphertext. The server's first layer is then plaintext
+    products and a few folds, with no rotation of the input.
+    """
+
+    kind: ClassVar[str] = "gather"
+    slot_count: int
+    ciphertexts: int
+    period: int
+    length: int
+    index: tuple[tuple[int, ...], ...]
+
+    @property
+    def ciphertexts_per_unit(self) -> int:
+        return self.ciphertexts
+
+    @property
+    def samples_per_unit(self) -> int:
+        return 1
+
+    @functools.cached_property
+    def _index(self) -> np.ndarray:
+        return np.asarray(self.index, dtype=np.int64).reshape(self.ciphertexts, self.period)
+
+    def encode(self, x: np.ndarray) -> list[np.ndarray]:
+        """Lay one preprocessed sample out in slots.
+
+        Args:
+            x: the preprocessed sample in the model's input shape.
+
+        Returns:
+            One float64 vector of ``slot_count`` values per ciphertext to encrypt.
+
+        Raises:
+            ProtocolError: a sample of the wrong size.
+        """
+        flat = np.asarray(x, dtype=np.float64).reshape(-1)
+        if flat.size != self.length:
+            raise ProtocolError(f"input has {flat.size} values, the card expects {self.length}")
+        padded = np.concatenate([flat, [0.0]])  # index -1 reads the trailing zero
+        return [np.tile(padded[row], self.slot_count // self.period) for row in self._index]
+
+    def units(self, samples: np.ndarray) -> Iterator[list[np.ndarray]]:
+        """Yield, per sample of ``samples`` (count, *input_shape), its slot vectors."""
+        for x in samples:
+            yield self.encode(x)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "slot_count": self.slot_count,
+            "ciphertexts": self.ciphertexts,
+            "period": self.period,
+            "length": self.length,
+            "index": [list(row) for row in self.index],
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> GatherEncoding:
+        """Read and check a gather encoding.
+
+        Raises:
+            ProtocolError: another kind, a missing field, or an index that does not fit.
+        """
+        where = "input_encoding"
+        doc = read_object(doc, where)
+        if doc.get("kind") != cls.kind:
+            raise ProtocolError(f"unknown input encoding {doc.get('kind')!r:.40}")
+        slots = read_int(doc, "slot_count", where, minimum=1)
+        count = read_int(doc, "ciphertexts", where, minimum=1)
+        period = read_int(doc, "period", where, minimum=1)
+        length = read_int(doc, "length", where, minimum=1)
+        index = doc.get("index")
+        if (
+            slots % period
+            or not isinstance(index, list)
+            or len(index) != count
+            or not all(isinstance(row, list) and len(row) == period for row in index)
+            or not all(type(v) is int and -1 <= v < length for row in index for v in row)
+        ):
+            raise ProtocolError(
+                "input encoding index must be ciphertexts x period entries in [-1, length), "
+                "with the period dividing the slot count"
+            )
+        return cls(slots, count, period, length, tuple(tuple(row) for row in index))
+
+
+@dataclass(frozen=True)
+class PrefixDecoding:
+    """Output ``o`` sits at slot ``o`` (and, when the last fold is cyclic, ``o + k * period``).
+
+    Every other slot is zero. One output ciphertext per sample.
+    """
+
+    kind: ClassVar[str] = "prefix"
+    length: int
+    period: int
+
+    @property
+    def ciphertexts_per_unit(self) -> int:
+        return 1
+
+    def read(self, slots: np.ndarray) -> np.ndarray:
+        """Return one sample's outputs from the decrypted slots of its output ciphertext."""
+        return np.asarray(slots[: self.length], dtype=np.float64)
+
+    def decode(self, outputs: Sequence[np.ndarray], count: int) -> np.ndarray:
+        """Return the outputs of ``count`` samples from their decrypted output ciphertexts.
+
+        Raises:
+            ProtocolError: not one output ciphertext per sample.
+        """
+        if len(outputs) != count:
+            raise ProtocolError(
+                f"{count} samples need {count} output ciphertexts, got {len(outputs)}"
+            )
+        return np.stack([self.read(slots) for slots in outputs])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "length": self.length, "period": self.period}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> PrefixDecoding:
+        """Read and check a prefix decoding.
+
+        Raises:
+            ProtocolError: another kind or a missing field.
+        """
+        where = "output_decoding"
+        doc = read_object(doc, where)
+        if doc.get("kind") != cls.kind:
+            raise ProtocolError(f"unknown output decoding {doc.get('kind')!r:.40}")
+        return cls(
+            read_int(doc, "length", where, minimum=1), read_int(doc, "period", where, minimum=1)
+        )
+
+
+def encode_input(x: np.ndarray, encoding: GatherEncoding | Mapping[str, Any]) -> list[np.ndarray]:
+    """Lay one preprocessed sample out in CKKS slots as the card's ``input_encoding`` says.
 
     Args:
         x: the preprocessed sample in the model's input shape.
-        encoding: the card's ``input_encoding``.
+        encoding: the card's ``input_encoding``, parsed or as JSON.
 
     Returns:
         One float64 vector of ``slot_count`` values per ciphertext to encrypt.
@@ -61,26 +201,17 @@ def encode_input(x: np.ndarray, encoding: Mapping[str, Any]) -> list[np.ndarray]
     Raises:
         ProtocolError: unknown kind, or a sample that does not fit the encoding.
     """
-    if encoding.get("kind") != "gather":
-        raise ProtocolError(f"unknown input encoding {encoding.get('kind')!r}")
-    flat = np.asarray(x, dtype=np.float64).reshape(-1)
-    if flat.size != int(encoding["length"]):
-        raise ProtocolError(f"input has {flat.size} values, the card expects {encoding['length']}")
-    slots, period = int(encoding["slot_count"]), int(encoding["period"])
-    index = np.asarray(encoding["index"], dtype=np.int64)
-    if index.ndim != 2 or index.shape[1] != period or slots % period:
-        raise ProtocolError("input encoding index does not match its period and slot count")
-    padded = np.concatenate([flat, [0.0]])  # index -1 reads the trailing zero
-    return [np.tile(padded[row], slots // period) for row in index]
+    if not isinstance(encoding, GatherEncoding):
+        encoding = GatherEncoding.from_json(encoding)
+    return encoding.encode(x)
 
 
-def decode_output(slots: np.ndarray, decoding: Mapping[str, Any]) -> np.ndarray:
-    """Read the model's outputs from decrypted slots as the card's ``output_decoding`` says.
+def decode_output(slots: np.ndarray, decoding: PrefixDecoding | Mapping[str, Any]) -> np.ndarray:
+    """Read one sample's outputs from decrypted slots as the card's ``output_decoding`` says.
 
-    Output ``o`` sits at slot ``o`` (and, when the plan's last fold is cyclic, at every slot
-    ``o + k * period``); every other slot is zero.
+    Raises:
+        ProtocolError: unknown kind or a malformed decoding.
     """
-    if decoding.get("kind") != "prefix":
-        raise ProtocolError(f"unknown output decoding {decoding.get('kind')!r}")
-    length = int(decoding["length"])
-    return np.asarray(slots[:length], dtype=np.float64)
+    if not isinstance(decoding, PrefixDecoding):
+        decoding = PrefixDecoding.from_json(decoding)
+    return decoding.read(slots)

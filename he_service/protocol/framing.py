@@ -12,7 +12,15 @@ from collections.abc import Sequence
 
 from he_service.protocol.errors import ProtocolError
 
-__all__ = ["CONTEXT_HEADER", "MAGIC", "MEDIA_TYPE", "decode_frames", "encode_frames"]
+__all__ = [
+    "CONTEXT_HEADER",
+    "MAGIC",
+    "MEDIA_TYPE",
+    "decode_frames",
+    "encode_frames",
+    "frame_count",
+    "framed_size",
+]
 
 MAGIC = b"HEF1"
 MEDIA_TYPE = "application/vnd.he-inference.frames"
@@ -38,6 +46,27 @@ def encode_frames(items: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def framed_size(items: int, payload_bytes: int) -> int:
+    """Return the size of a framed message of ``items`` payloads totalling ``payload_bytes``."""
+    return len(MAGIC) + _COUNT.size + items * _LENGTH.size + payload_bytes
+
+
+def frame_count(data: bytes) -> int:
+    """Return the item count a framed message declares, reading only its header.
+
+    Raises:
+        ProtocolError: not a framed message.
+    """
+    header = len(MAGIC) + _COUNT.size
+    if len(data) < header or data[: len(MAGIC)] != MAGIC:
+        raise ProtocolError(
+            "body is not a framed message (expected magic 'HEF1'); build it with "
+            "he_service.protocol.encode_frames or the HEClient SDK"
+        )
+    (count,) = _COUNT.unpack_from(data, len(MAGIC))
+    return int(count)
+
+
 def decode_frames(data: bytes, *, max_items: int) -> list[bytes]:
     """Split a framed message into its payloads.
 
@@ -51,19 +80,13 @@ def decode_frames(data: bytes, *, max_items: int) -> list[bytes]:
     Raises:
         ProtocolError: wrong magic, too many items, truncated or trailing bytes.
     """
-    header = len(MAGIC) + _COUNT.size
-    if len(data) < header or data[: len(MAGIC)] != MAGIC:
-        raise ProtocolError(
-            "body is not a framed message (expected magic 'HEF1'); build it with "
-            "he_service.protocol.encode_frames or the HEClient SDK"
-        )
-    (count,) = _COUNT.unpack_from(data, len(MAGIC))
+    count = frame_count(data)
     if count == 0:
         raise ProtocolError("framed message holds no items")
     if count > max_items:
         raise ProtocolError(f"framed message holds {count} items; at most {max_items} allowed")
     items: list[bytes] = []
-    offset = header
+    offset = len(MAGIC) + _COUNT.size
     for index in range(count):
         if offset + _LENGTH.size > len(data):
             raise ProtocolError(f"framed message truncated in the header of item {index}")

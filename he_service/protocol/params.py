@@ -67,11 +67,13 @@ class CkksParams:
         """Return the serialized size bound of one Galois key or the relinearization keys.
 
         A key-switching key holds one ciphertext over all primes (special included) per data
-        prime: ``(L - 1) * L * N`` words seeded, twice that loaded, with ``L`` all primes.
+        prime: ``(L - 1) * L * N`` words seeded, twice that loaded, with ``L`` all primes; each
+        of those ciphertexts has its own headers (60-bit primes leave zstd nothing to save).
         """
         primes = len(self.coeff_modulus_bits)
         polys = 1 if seeded else 2
-        return polys * (primes - 1) * primes * self.poly_modulus_degree * 8 + _SEAL_OVERHEAD_BYTES
+        words = polys * (primes - 1) * primes * self.poly_modulus_degree
+        return words * 8 + (primes + 1) * _SEAL_OVERHEAD_BYTES
 
     def public_context_bytes(self, galois_keys: int) -> int:
         """Return the size bound of a public context: relinearization plus Galois keys."""

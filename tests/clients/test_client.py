@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+from flask import Flask
 from PIL import Image
 
 from clients import (
@@ -11,13 +14,15 @@ from clients import (
     ContextNotFoundError,
     HEClient,
     KeySet,
+    KeysTooLargeError,
     ModelSession,
     ParameterMismatchError,
     ServerError,
 )
 from clients._errors import error_from_response
-from clients.cli import load_sample
-from he_service.protocol import decode_key_bundle
+from clients.cli import _print_prediction, load_sample
+from he_service import create_app
+from he_service.protocol import Task, decode_key_bundle
 
 
 def test_saved_keys_reload_and_reuse_the_uploaded_context(
@@ -86,3 +91,92 @@ def test_load_sample_reads_png_resizes_and_npy(tmp_path: Path) -> None:
     (tmp_path / "junk.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="not a readable image"):
         load_sample(tmp_path / "junk.png", (1, 28, 28))
+
+
+# --- requests follow the card's byte limits ----------------------------------------------------
+
+
+class _Recording(httpx.BaseTransport):
+    """An in-process transport that records the size of every predict body."""
+
+    def __init__(self, app: Flask) -> None:
+        self._inner = httpx.WSGITransport(app=app)
+        self.predict_bodies: list[int] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/predict"):
+            self.predict_bodies.append(len(request.read()))
+        return self._inner.handle_request(request)
+
+
+def test_samples_per_request_follow_the_body_limit_and_predict_many_splits_by_bytes(
+    mnist_test_images: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    limit = 2 << 20  # one mnist-cnn sample is up to 787 KB: two fit, three do not
+    app = create_app({"max_predict_bytes": limit, "key_store_dir": tmp_path})
+    transport = _Recording(app)
+    with HEClient("http://testserver", transport=transport) as client:
+        session = client.model("mnist-cnn")
+        assert session.spec.limits.max_samples_per_request == 2  # not the configured 16
+        assert session.spec.limits.max_request_bytes == limit
+        assert client.card("breast-cancer-mlp").plan("latency").limits.max_samples_per_request == 10
+        images, labels = mnist_test_images
+        logits = session.predict_many(images[:5])
+    assert len(transport.predict_bodies) == 3
+    assert all(size <= limit for size in transport.predict_bodies)
+    assert np.mean(logits.argmax(axis=1) == labels[:5]) >= 0.8
+
+
+def test_keys_over_the_server_limit_are_refused_before_they_are_made(
+    session: ModelSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app({"max_context_bytes": 8 << 20, "key_store_dir": tmp_path})
+    with HEClient("http://testserver", transport=httpx.WSGITransport(app=app)) as client:
+        card = client.card("mnist-cnn")
+        latency = card.plan("latency")
+        assert latency.costs.public_key_bytes > latency.limits.max_context_bytes == 8 << 20
+
+        def no_keys(*_: object) -> KeySet:
+            raise AssertionError("keys were generated")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(KeySet, "generate", no_keys)
+            with pytest.raises(KeysTooLargeError, match="needs 17.3 MiB of public keys") as info:
+                client.model("mnist-cnn")
+        message = str(info.value)
+        assert "at most 8.0 MiB" in message and "plan='batch'" in message
+        assert "HE_SERVICE_MAX_CONTEXT_BYTES" in message
+        assert info.value.details == {"needed": latency.costs.public_key_bytes, "limit": 8 << 20}
+        with pytest.raises(KeysTooLargeError):  # keys made before: refused before uploading
+            client.model("mnist-cnn", keys=session.keys)
+        assert client.model("mnist-cnn", plan="batch").context_id  # 1.3 MB of keys fit
+
+
+# --- regression models -------------------------------------------------------------------------
+
+
+def _as_regression(session: ModelSession) -> ModelSession:
+    card = dataclasses.replace(session.card, task=Task.REGRESSION, labels=("low", "high"))
+    return ModelSession(session.client, card, session.plan, session.keys)
+
+
+@pytest.fixture(scope="module")
+def breast(client: HEClient) -> ModelSession:
+    return client.model("breast-cancer-mlp")
+
+
+def test_classify_refuses_a_regression_model(breast: ModelSession) -> None:
+    assert breast.classify(np.zeros(30)) in breast.card.labels
+    with pytest.raises(ValueError, match="regression model: it predicts low, high"):
+        _as_regression(breast).classify(np.zeros(30))
+
+
+def test_cli_prints_values_with_names_for_regression_and_a_class_otherwise(
+    breast: ModelSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _print_prediction(_as_regression(breast), Path("x.npy"), np.array([1.5, -2.25]))
+    out = capsys.readouterr().out
+    assert "x.npy: predicted low = 1.5, high = -2.25" in out and "class" not in out
+    _print_prediction(breast, Path("x.npy"), np.array([1.5, -2.25]))
+    out = capsys.readouterr().out
+    assert f"x.npy: predicted class {breast.card.labels[0]}" in out and "logits: 1.500" in out

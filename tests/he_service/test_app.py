@@ -20,7 +20,18 @@ from clients import (
     PayloadTooLargeError,
 )
 from he_service import create_app
-from he_service.protocol import CkksParams, decode_key_bundle, encode_frames, encode_key_bundle
+from he_service.protocol import (
+    CkksParams,
+    GatherEncoding,
+    ModelCard,
+    PlanCard,
+    PlanKind,
+    PrefixDecoding,
+    Task,
+    decode_key_bundle,
+    encode_frames,
+    encode_key_bundle,
+)
 
 
 def _json_error(app: Flask, method: str, path: str, status: int, **kwargs: object) -> dict:
@@ -42,10 +53,26 @@ def test_card_describes_parameters_and_encodings(client: HEClient) -> None:
     assert card.input_shape == (1, 28, 28)
     latency = card.plan("latency")
     assert latency.ckks.poly_modulus_degree == 8192
-    assert latency.input_encoding["kind"] == "gather"
-    assert latency.input_encoding["ciphertexts"] == 4
+    assert isinstance(latency.input_encoding, GatherEncoding)
+    assert latency.input_encoding.ciphertexts == 4
+    assert isinstance(latency.output_decoding, PrefixDecoding)
     assert latency.galois_steps and all(0 < s < 4096 for s in latency.galois_steps)
     assert "reason" in latency.details["parameters"]
+    assert card.task is Task.CLASSIFICATION
+    # What the client pays, before it pays it.
+    assert latency.costs.galois_keys == len(latency.galois_steps)
+    assert latency.costs.public_key_bytes == latency.details["public_key_bytes"]
+    assert latency.costs.request_bytes_per_unit == latency.details["request_bytes_per_sample"]
+    assert latency.costs.rotations == latency.details["rotations"] > 0
+    assert latency.limits.max_context_bytes == 128 << 20
+    assert latency.limits.max_request_bytes == 16 << 20
+
+
+def test_card_round_trips_through_json(client: HEClient) -> None:
+    card = client.card("mnist-cnn")
+    assert ModelCard.from_json(card.to_json()) == card
+    for kind in (PlanKind.LATENCY, PlanKind.BATCH):
+        assert PlanCard.from_json(card.plan(kind).to_json()) == card.plan(kind)
 
 
 def test_openapi_lists_every_route(app: Flask) -> None:
@@ -57,6 +84,10 @@ def test_openapi_lists_every_route(app: Flask) -> None:
         "/v1/contexts",
         "/v1/contexts/{context_id}",
         "/v1/models/{name}/predict",
+        "/v1/models/{name}/uploads",
+        "/v1/uploads/{upload_id}/parts/{index}",
+        "/v1/uploads/{upload_id}/predict",
+        "/v1/uploads/{upload_id}",
         "/v1/openapi.json",
         "/metrics",
     }
@@ -207,7 +238,7 @@ def test_wrong_count_slot_count_scale_and_level_get_400(app: Flask, session: Mod
 
 def test_too_many_samples_get_413(client: HEClient, session: ModelSession) -> None:
     one = session.encrypt(np.zeros((1, 28, 28)))
-    limit = session.spec.max_samples_per_request
+    limit = session.spec.limits.max_samples_per_request
     with pytest.raises(PayloadTooLargeError, match=f"limit of {limit} samples"):
         client.predict_raw("mnist-cnn", session.context_id, one * (limit + 1))
 
@@ -225,17 +256,19 @@ def test_unknown_plan_gets_400(app: Flask, session: ModelSession) -> None:
 
 
 def test_bodies_over_the_limit_get_413_before_parsing() -> None:
-    small = create_app({"max_context_bytes": 1000, "max_predict_bytes": 1000})
+    # One mnist-cnn sample is up to 787 KB: a 1 MiB predict body still holds one.
+    small = create_app({"max_context_bytes": 1000, "max_predict_bytes": 1 << 20})
     error = _json_error(small, "POST", "/v1/contexts", 413, data=b"\x00" * 2000)
     assert error["limit"] == 1000
-    _json_error(
+    error = _json_error(
         small,
         "POST",
         "/v1/models/mnist-cnn/predict",
         413,
-        data=b"\x00" * 2000,
+        data=b"\x00" * (2 << 20),
         headers={"X-Context-Id": "0" * 64},
     )
+    assert error["limit"] == 1 << 20
 
 
 def test_unknown_routes_and_methods_get_json_errors(app: Flask) -> None:

@@ -128,3 +128,16 @@ def test_format_version_is_the_lowest_that_holds_the_layers() -> None:
     inner = {"kind": "add", "branches": [[], []]}
     assert format_version_for([{"kind": "add", "branches": [[inner], []]}]) == 2
     assert json.loads(manifest_bytes({"a": 1})) == {"a": 1}
+
+
+def test_task_defaults_to_classification_and_is_checked(tmp_path: Path) -> None:
+    layers = [{"kind": "flatten"}, {"kind": "linear", "weight": "fc.weight", "bias": "fc.bias"}]
+    arrays = _arrays(np.random.default_rng(0), {"fc": (2, 32)})
+    assert load_artifact(_write(tmp_path / "a", layers, arrays)).task == "classification"
+    regression = {"labels": ["a", "b"], "task": "regression"}
+    assert load_artifact(_write(tmp_path / "b", layers, arrays, output=regression)).task == (
+        "regression"
+    )
+    ranking = {"labels": ["a", "b"], "task": "ranking"}
+    with pytest.raises(ArtifactError, match="output.task must be one of 'classification'"):
+        load_artifact(_write(tmp_path / "c", layers, arrays, output=ranking))

@@ -9,7 +9,7 @@ from clients import BadRequestError, HEClient, KeySet, ModelSession, PayloadTooL
 from he_service.artifacts import load_artifact
 from he_service.config import DEFAULT_MODELS_DIR
 from he_service.engine import forward_plain
-from he_service.protocol import decode_key_bundle, preprocess
+from he_service.protocol import BatchDecoding, BatchEncoding, decode_key_bundle, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def test_card_offers_both_plans_and_batch_needs_no_galois_keys(client: HEClient)
     assert set(card.plans) == {"latency", "batch"}
     batch = card.plan("batch")
     assert batch.galois_steps == ()
-    assert batch.input_encoding == {"kind": "batch", "features": 784, "slot_count": 4096}
-    assert batch.output_decoding == {"kind": "batch", "outputs": 10}
+    assert batch.input_encoding == BatchEncoding(features=784, slot_count=4096)
+    assert batch.output_decoding == BatchDecoding(outputs=10)
     assert batch.details["rotations"] == 0
     keys = KeySet.generate(batch.ckks, batch.galois_steps)
     assert set(decode_key_bundle(keys.public_context).sections) == {"relin_keys"}

@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import shutil
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -51,40 +49,6 @@ class Clock:
 @pytest.fixture(scope="module")
 def contexts() -> list[bytes]:
     return [KeySet.generate(PARAMS, (1,)).public_context for _ in range(3)]
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    """A real, throwaway redis-server on a free port (no persistence)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not on PATH: install it as the README's test command does")
-    import redis
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.025)
-        else:
-            pytest.fail(f"redis-server did not answer on port {port}")
-        client.close()
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 BackendFactory = Callable[[], StorageBackend]

@@ -158,6 +158,26 @@ def test_documented_success_answers_conform(api_schema: Any, he_client: HEClient
         media_type=MEDIA_TYPE,
     )
     assert "affine;dur=" in response.headers["server-timing"][0]
+    uploads = {"path_parameters": {"name": BREAST}, "headers": {"X-Context-Id": context_id}}
+    created = _call(api_schema, "/v1/models/{name}/uploads", "POST", 201, **uploads)
+    upload = {"upload_id": created.json()["upload_id"]}
+    _call(
+        api_schema,
+        "/v1/uploads/{upload_id}/parts/{index}",
+        "PUT",
+        200,
+        path_parameters={**upload, "index": 0},
+        body=body,
+        media_type=MEDIA_TYPE,
+    )
+    response = _call(
+        api_schema, "/v1/uploads/{upload_id}/predict", "POST", 200, path_parameters=upload
+    )
+    assert "affine;dur=" in response.headers["server-timing"][0]
+    created = _call(api_schema, "/v1/models/{name}/uploads", "POST", 201, **uploads)
+    upload = {"upload_id": created.json()["upload_id"]}
+    _call(api_schema, "/v1/uploads/{upload_id}", "DELETE", 204, path_parameters=upload)
+    _call(api_schema, "/v1/uploads/{upload_id}", "DELETE", 404, path_parameters=upload)
     ids = {"context_id": context_id}
     _call(api_schema, "/v1/contexts/{context_id}", "DELETE", 204, path_parameters=ids)
     _call(api_schema, "/v1/contexts/{context_id}", "HEAD", 404, path_parameters=ids)

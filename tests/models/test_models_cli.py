@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from he_service.artifacts import load_artifact
-from he_service.engine import compile_plan
+from he_service.engine import compile_model, compile_plan
 from models.cli import main
+from models.recipes import RECIPES
 
 NET_SOURCE = """
 from torch import nn
@@ -94,7 +95,8 @@ def test_convert_writes_an_artifact_and_prints_the_report(
         (["--name", "x", "--mean", "1", "2"], "--mean takes 1 value, got 2"),
         (["--name", "x", "--std", "0"], "must not contain 0"),
         (["--name", "x", "--labels", "a,b"], "names 2 outputs, the network has 3"),
-        (["--name", "x", "--degree", "12"], "degree must be 1..8"),
+        (["--name", "x", "--degree", "12"], "degree must be 1..4 (the engine evaluates"),
+        (["--name", "x", "--degree", "5"], "degree must be 1..4 (the engine evaluates"),
     ],
 )
 def test_convert_input_errors_exit_2(
@@ -185,7 +187,15 @@ def test_evaluate_a_converted_model_with_its_own_data(
 def test_list_names_the_recipes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["breast-cancer-mlp", "digits-cnn", "mnist-cnn"]
+    assert [line.split()[0] for line in lines] == [
+        "breast-cancer-mlp",
+        "digits-cnn",
+        "digits-resnet",
+        "mnist-cnn",
+        "mnist-lenet5",
+    ]
+    shipped = {line.split()[0]: "not shipped" not in line for line in lines}
+    assert shipped == {name: recipe.shipped for name, recipe in RECIPES.items()}
 
 
 def test_missing_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -198,3 +208,83 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--seed" in capsys.readouterr().out
     assert main(["convert", "--help"]) == 0
     assert "--max-degree" in capsys.readouterr().out
+
+
+def test_convert_standardize_uses_the_calibration_statistics(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _convert_args(workdir, "--name", "std-net", "--degree", "2", "--scale", "0.5")
+    assert main([*argv, "--standardize"]) == 0
+    capsys.readouterr()
+    raw = np.load(workdir / "calibration.npy") * 0.5
+    preprocessing = load_artifact(workdir / "out" / "std-net").preprocessing
+    assert preprocessing == {"scale": 0.5, "mean": [raw.mean()], "std": [raw.std()]}
+    assert main([*argv, "--standardize", "--mean", "1"]) == 2
+    assert "either --standardize or --mean/--std" in capsys.readouterr().err
+
+
+def test_convert_key_budget_is_recorded_and_enforced(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _convert_args(workdir, "--name", "budget-net", "--degree", "2")
+    assert main([*argv, "--key-budget", "0.01"]) == 1
+    err = capsys.readouterr().err
+    assert "could not export budget-net" in err and "key budget" in err
+    assert "--key-budget" in err
+    assert list((workdir / "out").iterdir()) == []  # nothing written, no staging left
+    assert main([*argv, "--key-budget", "512"]) == 0
+    out = capsys.readouterr().out
+    compiled = compile_model(load_artifact(workdir / "out" / "budget-net"))
+    assert compiled.key_budget_bytes == 512 << 20
+    manifest = json.loads((workdir / "out" / "budget-net" / "manifest.json").read_text())
+    assert manifest["serving"] == {"key_budget_bytes": 512 << 20}
+    latency = compiled.latency
+    bits = list(latency.params.coeff_modulus_bits)
+    summary = latency.summary()
+    assert (
+        f"latency plan: N={latency.params.poly_modulus_degree}, primes {bits[:-1]} + "
+        f"{bits[-1]}-bit special, depth {summary['depth']}; public keys "
+    ) in out
+    assert f"({summary['public_key_bytes']} bytes, {summary['galois_keys']} Galois keys)" in out
+    assert f"{summary['rotations']} rotations; request " in out
+    assert "batch plan: N=" in out and "per group of " in out
+    assert "key budget 512.0 MiB (536870912 bytes) per plan" in out
+    assert main([*argv, "--key-budget", "0"]) == 2
+    assert "--key-budget must be positive" in capsys.readouterr().err
+
+
+DEEP_SOURCE = """
+from torch import nn
+
+
+def make():
+    layers = []
+    for _ in range(11):
+        layers += [nn.Linear(4, 4), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(4, 2))
+"""
+
+
+def test_convert_refuses_a_network_too_deep_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "deep_net.py").write_text(DEEP_SOURCE)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(11):
+        layers += [nn.Linear(4, 4), nn.Tanh()]
+    torch.save(nn.Sequential(*layers, nn.Linear(4, 2)).state_dict(), tmp_path / "w.pt")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(64, 4)))
+    argv = ["convert", "deep_net:make", "--weights", "w.pt", "--calibration", "x.npy"]
+    code = main([*argv, "--name", "deep", "--degree", "4", "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "multiplicative depth 22 " in captured.out
+    (line,) = captured.err.splitlines()
+    assert line.startswith("he-models: error: could not export deep: the engine cannot ")
+    assert line.endswith(
+        "(the converted network has 11 fitted activations (11 of degree 4), depth 22 on its "
+        "longest path; --degree 2 costs one level per activation instead of two)"
+    )
+    assert list((tmp_path / "out").iterdir()) == []

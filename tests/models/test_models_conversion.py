@@ -26,7 +26,6 @@ from models import (
     export_converted,
     fine_tune,
     fit_polynomial,
-    max_depth_by_ring,
     out_of_range_fractions,
     validate,
 )
@@ -241,7 +240,6 @@ def test_convert_works_on_a_copy_and_logs_one_line_per_layer(
     assert "fit rms error" in messages[2]
     assert messages[3].endswith("-> removed (identity at inference)")
     assert messages[-1].startswith("multiplicative depth 1 ")
-    assert "N=4096" in messages[-1] or "N=8192" in messages[-1]
     (fit,) = report.activations
     lo, hi = fit.lo, fit.hi
     assert isinstance(network[1], PolyActivation) and (network[1].lo, network[1].hi) == (lo, hi)
@@ -288,8 +286,6 @@ def test_depth_counts_like_the_engine(tmp_path: Path) -> None:
     assert depth_of([linear, nn.Flatten(), linear, poly2, linear]) == 1
     assert depth_of([linear, affine, linear]) == 0  # merges into one affine map
     assert depth_of([linear, poly2]) == 1
-    limits = max_depth_by_ring()
-    assert limits[8192] == 3
 
     # Degree 3-4 polynomials: the engine is the authority where it supports them.
     x = np.random.default_rng(0).normal(size=(64, 3))
@@ -322,7 +318,7 @@ def test_too_deep_for_any_ring_is_refused_and_nothing_written(tmp_path: Path) ->
     x = np.random.default_rng(0).uniform(-0.5, 0.5, size=(8, 2))
     network, report = convert(model, x)
     assert network.depth == report.depth == 21
-    assert "too deep" in report.lines()[-1]
+    assert report.lines()[-1].startswith("multiplicative depth 21 ")
     with pytest.raises(ExportError) as caught:
         export_converted(network, tmp_path, "deep", labels=["a", "b"], preprocessing={}, check_x=x)
     message = str(caught.value)

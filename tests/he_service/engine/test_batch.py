@@ -9,7 +9,7 @@ import pytest
 import tenseal.sealapi as seal
 
 from he_service.artifacts import Conv2d, Flatten, Linear, ModelArtifact, Poly
-from he_service.engine import forward_plain
+from he_service.engine import CompileError, forward_plain
 from he_service.engine.batch import (
     BatchAffine,
     BatchEvaluationError,
@@ -20,7 +20,6 @@ from he_service.engine.batch import (
 )
 from he_service.engine.batch.products import tiles_for
 from he_service.engine.batch.raw import raw_view
-from he_service.engine.compiler import CompileError
 from he_service.protocol import save_seal
 from he_service.protocol.batch_encoding import decode_batch, encode_batch
 from he_service.protocol.params import MAX_COEFF_BITS_128, CkksParams, new_seal_context
