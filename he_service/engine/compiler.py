@@ -175,7 +175,10 @@ class _Target:
 
     @classmethod
     def of(cls, artifact: ModelArtifact, graph: Graph) -> _Target:
-        recorded = artifact.manifest.get("conversion", {}).get("output_margins")
+        bound = artifact.manifest.get("conversion", {}).get("output_bound", {})
+        recorded = bound.get("margins") if isinstance(bound, dict) else None
+        if getattr(artifact, "task", "classification") != "classification":
+            recorded = None
         margins = None
         if (
             isinstance(recorded, list)
