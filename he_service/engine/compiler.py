@@ -129,7 +129,7 @@ def _candidates(
     try:
         keys = choose_keys(uses, params.slot_count, params.key_switch_key_bytes(), budget)
     except KeyBudgetError as exc:
-        problems.append(f"{where}: {exc}")
+        problems.append(f"{where}: {exc}; {_costliest(layouts, model.slots)}")
         return []
     cost = layouts.cost + sum(w * (len(keys.hops(s)) - 1) for s, w in uses.items())
     found = []
@@ -199,6 +199,18 @@ class _Target:
         return bool(flips <= MAX_DISAGREEMENT), 1.0 - float(flips)
 
 
+def _costliest(layouts: Layouts, slots: int) -> str:
+    """Name the layer that rotates by the most distinct steps, and what to change."""
+    linear = [s for s in layouts.steps if isinstance(s, LinearStep)]
+    worst = max(linear, key=lambda s: len({r.step % slots for r in s.rotations()}))
+    steps = len({r.step % slots for r in worst.rotations()})
+    return (
+        f"the layer that needs the most keys is {worst.description} ({steps} distinct rotation "
+        "steps): use fewer channels or units there, lower-degree activations (fewer primes make "
+        "every key smaller), or a larger key budget (he-models convert --key-budget)"
+    )
+
+
 def _rotation_uses(layouts: Layouts, model: CostModel) -> dict[int, float]:
     """Return step -> milliseconds of all rotations by that step in one evaluation."""
     uses: dict[int, float] = {}
@@ -214,7 +226,7 @@ def _rotation_uses(layouts: Layouts, model: CostModel) -> dict[int, float]:
 def _too_deep(graph: Graph) -> str:
     limits = max_depth_by_ring()
     return (
-        f"the network needs {graph.depth} levels of activations; N={RING_DEGREES[-1]} at "
-        f"128-bit security holds at most {limits[RING_DEGREES[-1]]} (use fewer or lower-degree "
-        "activations)"
+        f"the network needs {len(graph.poly_nodes())} activations ({graph.depth} levels on its "
+        f"longest path); N={RING_DEGREES[-1]} at 128-bit security holds at most "
+        f"{limits[RING_DEGREES[-1]]} levels (use fewer or lower-degree activations)"
     )

@@ -250,7 +250,10 @@ class _Builder:
     def materialise(self, expr: _Expr, where: str) -> int:
         terms = _merge_sources(expr.terms)
         if not terms:
-            raise CompileError(f"{where}: the value does not depend on the input")
+            raise CompileError(
+                f"{where}: this value does not depend on its input (every weight on the way is "
+                "zero): the model does not depend on its input"
+            )
         self.nodes.append(LinearNode([_one_product(t) for t in terms], expr.bias, expr.shape))
         return len(self.nodes) - 1
 

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from torch import nn
 
-from clients import HEClient, ModelSession, ServerError
+from clients import HEClient, ModelSession
 from clients.cli import _free_port
 from he_service import create_app
 from he_service.artifacts import load_artifact
@@ -172,6 +172,33 @@ SERVED: list[NetworkSpec] = [
         family="cnn",
         epochs=5,
     ),
+    NetworkSpec(
+        "digits-cnn-pool-4ch",
+        "digits",
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64, 10),
+        ),
+        "conv 1->4 3x3 pad 1, BatchNorm, ReLU, AvgPool 2, 64-10",
+        family="cnn",
+    ),
+    NetworkSpec(
+        "digits-cnn-5x5",
+        "digits",
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2),
+            nn.Tanh(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(96, 10),
+        ),
+        "conv 1->6 5x5 pad 2, Tanh, AvgPool 2, 96-10",
+        family="cnn",
+    ),
 ]
 # Networks the batch plan (one sample per slot) is also checked on: few input features.
 BATCH_CHECKED = ("wine-mlp-bn-gelu-silu", "diabetes-regression", "digits-cnn-two-conv")
@@ -179,7 +206,6 @@ BATCH_CHECKED = ("wine-mlp-bn-gelu-silu", "diabetes-regression", "digits-cnn-two
 REAL_SERVER = ("wine-mlp-relu", "diabetes-regression", "digits-cnn-stride")
 
 RESIDUAL = r"residual|skip connection"
-KEY_BUDGET = r"key budget"
 # name -> (spec, what today's refusal says). Move a network to SERVED when it is served.
 REFUSED: dict[str, tuple[NetworkSpec, str]] = {
     spec.name: (spec, pattern)
@@ -204,39 +230,6 @@ REFUSED: dict[str, tuple[NetworkSpec, str]] = {
                 family="residual",
             ),
             RESIDUAL,
-        ),
-        (
-            NetworkSpec(
-                "digits-cnn-pool-4ch",
-                "digits",
-                lambda: nn.Sequential(
-                    nn.Conv2d(1, 4, 3, padding=1),
-                    nn.BatchNorm2d(4),
-                    nn.ReLU(),
-                    nn.AvgPool2d(2),
-                    nn.Flatten(),
-                    nn.Linear(64, 10),
-                ),
-                "conv 1->4 3x3 pad 1, BatchNorm, ReLU, AvgPool 2, 64-10",
-                family="cnn",
-            ),
-            KEY_BUDGET,
-        ),
-        (
-            NetworkSpec(
-                "digits-cnn-5x5",
-                "digits",
-                lambda: nn.Sequential(
-                    nn.Conv2d(1, 6, 5, padding=2),
-                    nn.Tanh(),
-                    nn.AvgPool2d(2),
-                    nn.Flatten(),
-                    nn.Linear(96, 10),
-                ),
-                "conv 1->6 5x5 pad 2, Tanh, AvgPool 2, 96-10",
-                family="cnn",
-            ),
-            KEY_BUDGET,
         ),
     ]
 }
@@ -363,18 +356,9 @@ def test_request_bytes_match_card(zoo: Zoo, name: str) -> None:
     assert len(encode_frames(ciphertexts)) - sent <= 64 * len(ciphertexts)
 
 
-# Served, but the predict route answers 500 on a valid request: issue 10, "result ciphertext is
-# transparent" (an all-zero weight block in multiply_plain). Strict: fails once fixed; remove then.
-TRANSPARENT_500 = pytest.mark.xfail(
-    raises=ServerError, strict=True, reason="issue 10: transparent ciphertext answers 500"
-)
-AGREEMENT = [
-    pytest.param(name, marks=TRANSPARENT_500) if name == "digits-mlp-deep" else name
-    for name in NAMES
-]
-
-
-@pytest.mark.parametrize("name", AGREEMENT)
+# digits-mlp-deep once answered 500 ("result ciphertext is transparent": an all-zero weight
+# block reached multiply_plain); plans now never hold an all-zero plaintext.
+@pytest.mark.parametrize("name", NAMES)
 def test_encrypted_agrees_with_plaintext(zoo: Zoo, name: str) -> None:
     served = zoo.get(name)
     assert served.encrypted.shape == served.plain.shape == (SAMPLES, len(served.data.labels))
