@@ -149,3 +149,17 @@ def test_every_polynomial_degree_evaluates_encrypted(coeffs: tuple[float, ...]) 
     expected = forward_plain(artifact, x)
     tolerance = 1e-2 * max(1.0, float(np.abs(expected).max()))
     np.testing.assert_allclose(encrypted_outputs(plan, [x])[0], expected, atol=tolerance)
+
+
+def test_composed_rotations_run_encrypted() -> None:
+    """Under a tight key budget, steps without their own key run as sequences of key steps."""
+    from he_service.engine.selfcheck import encrypted_outputs
+
+    artifact, x = random_network(np.random.default_rng(2))
+    free = compile_plan(artifact, key_budget_bytes=1 << 40)
+    key = free.params.key_switch_key_bytes()
+    tight = compile_plan(artifact, key_budget_bytes=(len(free.galois_steps) // 2 + 1) * key)
+    assert tight.keys.routes, "some steps are composed"
+    expected = forward_plain(artifact, x)
+    tolerance = 2e-2 * max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(encrypted_outputs(tight, [x])[0], expected, atol=tolerance)
