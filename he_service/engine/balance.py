@@ -45,7 +45,7 @@ def balance_gains(graph: Graph, precision: Precision) -> dict[int, float]:
         return {}
     consumer = {n.source: i for i, n in enumerate(graph.nodes) if isinstance(n, PolyNode)}
     degree = {i: graph.nodes[consumer[i]].step.degree for i in hidden}  # type: ignore[union-attr]
-    magnitude = _magnitudes(graph)
+    magnitude = graph.magnitudes()
     weights = {
         i: [_log_max(t.chain) for t in node.terms]
         for i, node in enumerate(graph.nodes)
@@ -99,17 +99,6 @@ def _log_max(chain: Chain) -> float:
         elif isinstance(op, Diagonal):
             largest = float(np.max(np.abs(op.factor)))
     return math.log2(largest) if largest > 0 else 0.0
-
-
-def _magnitudes(graph: Graph) -> dict[int, float]:
-    """Return log2 of every node's RMS value for unit-normal inputs."""
-    rng = np.random.default_rng(0)
-    samples = [graph.simulate(rng.normal(size=graph.input_shape)) for _ in range(16)]
-    result = {}
-    for index in range(len(graph.nodes)):
-        values = np.concatenate([s[index] for s in samples])
-        result[index] = math.log2(float(np.sqrt(np.mean(values * values))) or 1.0)
-    return result
 
 
 def _scaled_op(op: LinearOp, factor: float) -> LinearOp:

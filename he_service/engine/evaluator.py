@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -39,7 +40,7 @@ class Timings:
 @dataclass
 class _EncodedTerm:
     term: TermPlan
-    plaintexts: list[seal.Plaintext]
+    plaintexts: list[seal.Plaintext | None]  # None: the weights rounded to zero at this scale
 
 
 @dataclass
@@ -62,17 +63,26 @@ class _EncodedPoly:
     output_scale: float = 0.0
 
 
+_Value: TypeAlias = seal.Ciphertext | None
+
+
 class _SealBackend:
-    """The schedule backend: SEAL calls, composed rotations, pre-encoded plaintexts."""
+    """The schedule backend: SEAL calls, composed rotations, pre-encoded plaintexts.
+
+    A plaintext whose weights all rounded to zero is never multiplied (SEAL refuses to make a
+    transparent ciphertext); its product is ``None``, which rotations and sums pass over.
+    """
 
     def __init__(self, evaluator: EncryptedEvaluator, galois: seal.GaloisKeys | None) -> None:
         self.ev = evaluator._evaluator
         self.keys = evaluator.plan.keys
         self.slots = evaluator.plan.params.slot_count
         self.galois = galois
-        self.plaintexts: list[seal.Plaintext] = []
+        self.plaintexts: list[seal.Plaintext | None] = []
 
-    def rotate(self, value: seal.Ciphertext, step: int, *, on_product: bool) -> seal.Ciphertext:
+    def rotate(self, value: _Value, step: int, *, on_product: bool) -> _Value:
+        if value is None:
+            return None
         if self.galois is None:
             raise EvaluationError("the plan rotates but no Galois keys were given")
         for hop in self.keys.hops(step % self.slots):
@@ -81,14 +91,19 @@ class _SealBackend:
             value = out
         return value
 
-    def add(self, a: seal.Ciphertext, b: seal.Ciphertext) -> seal.Ciphertext:
+    def add(self, a: _Value, b: _Value) -> _Value:
+        if a is None or b is None:
+            return b if a is None else a
         out = seal.Ciphertext()
         self.ev.add(a, b, out)
         return out
 
-    def multiply(self, value: seal.Ciphertext, diagonal: int) -> seal.Ciphertext:
+    def multiply(self, value: _Value, diagonal: int) -> _Value:
+        plain = self.plaintexts[diagonal]
+        if value is None or plain is None:
+            return None
         out = seal.Ciphertext()
-        self.ev.multiply_plain(value, self.plaintexts[diagonal], out)
+        self.ev.multiply_plain(value, plain, out)
         return out
 
 
@@ -136,10 +151,15 @@ class EncryptedEvaluator:
             parms_id = self._levels[level]
             terms = [
                 _EncodedTerm(
-                    term, [self._encode(p, parms_id, weight_scale) for p in _plaintexts(term)]
+                    term, [self._weights(p, parms_id, weight_scale) for p in _plaintexts(term)]
                 )
                 for term in step.terms
             ]
+            if all(p is None for t in terms for p in t.plaintexts):
+                raise EvaluationError(
+                    f"every weight of {step.description} rounds to zero at a {weight_scale:.3g} "
+                    "weight scale"
+                )
             product_scale = scale * weight_scale
             self._product_scale[step.node] = product_scale
             bias = self._encode(step.bias, parms_id, product_scale) if np.any(step.bias) else None
@@ -180,6 +200,12 @@ class EncryptedEvaluator:
         plain = seal.Plaintext()
         self._encoder.encode(values.tolist(), parms_id, scale, plain)
         return plain
+
+    def _weights(
+        self, values: np.ndarray, parms_id: list[int], scale: float
+    ) -> seal.Plaintext | None:
+        plain = self._encode(values, parms_id, scale)
+        return None if plain.is_zero() else plain
 
     def _encode_scalar(self, value: float, parms_id: list[int], scale: float) -> seal.Plaintext:
         plain = seal.Plaintext()
@@ -261,12 +287,15 @@ class EncryptedEvaluator:
         inputs: list[seal.Ciphertext],
         backend: _SealBackend,
     ) -> seal.Ciphertext:
-        total: seal.Ciphertext | None = None
+        total: _Value = None
         for term in encoded.terms:
             backend.plaintexts = term.plaintexts
             product = term.term.product
+            value: _Value
             if isinstance(product, GatherInput):
-                value = _gathered(self._evaluator, inputs, term.plaintexts)
+                value = None
+                for ct, k in zip(inputs, range(len(inputs)), strict=True):
+                    value = backend.add(value, backend.multiply(ct, k))
                 for fold in product.folds:
                     value = backend.add(value, backend.rotate(value, fold, on_product=True))
             else:
@@ -276,12 +305,12 @@ class EncryptedEvaluator:
                 value = product.run(value, backend)
             for window in term.term.post:
                 value = window.run(value, backend)
+            if value is None:
+                continue
             value.scale = _canonical(value.scale, encoded.scale)
-            if total is None:
-                total = value
-            else:
-                self._evaluator.add_inplace(total, value)
-        assert total is not None
+            total = backend.add(total, value)
+        if total is None:
+            raise EvaluationError(f"{encoded.step.description}: every product rounded to zero")
         if encoded.bias is not None:
             self._evaluator.add_plain_inplace(total, encoded.bias)
         return total
@@ -340,21 +369,6 @@ def _plaintexts(term: TermPlan) -> list[np.ndarray]:
     if isinstance(product, GatherInput):
         return list(product.plaintexts)
     return product.plaintexts()
-
-
-def _gathered(
-    ev: seal.Evaluator, inputs: list[seal.Ciphertext], plains: list[seal.Plaintext]
-) -> seal.Ciphertext:
-    total: seal.Ciphertext | None = None
-    for ct, plain in zip(inputs, plains, strict=True):
-        product = seal.Ciphertext()
-        ev.multiply_plain(ct, plain, product)
-        if total is None:
-            total = product
-        else:
-            ev.add_inplace(total, product)
-    assert total is not None
-    return total
 
 
 def _last_reads(plan: Plan) -> dict[int, list[int]]:

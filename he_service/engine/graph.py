@@ -19,6 +19,7 @@ Nodes are in topological order and the last one is the output (a linear node).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -91,6 +92,7 @@ class Graph:
     """The normalised network (see the module docstring)."""
 
     nodes: list[Node]
+    _magnitudes: list[float] | None = field(default=None, repr=False, compare=False)
 
     @property
     def output(self) -> int:
@@ -159,6 +161,17 @@ class Graph:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return self.simulate(x)[self.output]
+
+    def magnitudes(self) -> list[float]:
+        """Return log2 of every node's RMS value for unit-normal inputs (computed once)."""
+        if self._magnitudes is None:
+            rng = np.random.default_rng(0)
+            samples = [self.simulate(rng.normal(size=self.input_shape)) for _ in range(16)]
+            self._magnitudes = [
+                math.log2(float(np.sqrt(np.mean(np.concatenate(v) ** 2))) or 1.0)
+                for v in zip(*samples, strict=True)
+            ]
+        return self._magnitudes
 
 
 @dataclass
@@ -325,7 +338,17 @@ def _merge_sources(terms: list[Term]) -> list[Term]:
         matrix = first.chain.matrix() + term.chain.matrix()
         op = Dense(matrix, first.chain.in_shape, first.chain.out_shape)
         merged[term.source] = Term(term.source, Chain((op,), first.chain.in_shape))
-    return [t for t in merged.values() if np.any(t.chain.matrix())]
+    return [t for t in merged.values() if _nonzero(t.chain)]
+
+
+def _nonzero(chain: Chain) -> bool:
+    """Return whether a chain can be non-zero (every weighted operator has a non-zero weight)."""
+    for op in chain.ops:
+        if isinstance(op, Dense | Conv) and not np.any(op.weight):
+            return False
+        if isinstance(op, Diagonal) and not np.any(op.factor):
+            return False
+    return not any(isinstance(op, Dense) for op in chain.ops) or bool(np.any(chain.matrix()))
 
 
 def _one_product(term: Term) -> Term:

@@ -64,7 +64,7 @@ class _NoisyBackend(NumpyBackend[np.ndarray]):
         return np.roll(value, -step) + self.rng.normal(0.0, sigma, value.size)
 
 
-def estimate_noise(plan: Plan, samples: int = 6, seed: int = 0) -> NoiseEstimate:
+def estimate_noise(plan: Plan, samples: int = 4, seed: int = 0) -> NoiseEstimate:
     """Return the simulated output error of the plan on unit-normal inputs."""
     rng = np.random.default_rng(seed)
     params = plan.params

@@ -78,17 +78,17 @@ class Conv:
         o, i, kh, kw = self.weight.shape
         _, h, w = self.in_shape
         _, oh, ow = self.out_shape
-        matrix = np.zeros((o, oh, ow, i, h, w))
+        matrix = np.zeros((o, oh * ow, i, h * w))
+        rows = np.arange(oh)[:, None] * self.stride[0]
+        cols = np.arange(ow)[None, :] * self.stride[1]
         for dy in range(kh):
             for dx in range(kw):
-                for y in range(oh):
-                    sy = y * self.stride[0] + dy - self.padding[0]
-                    if not 0 <= sy < h:
-                        continue
-                    for x in range(ow):
-                        sx = x * self.stride[1] + dx - self.padding[1]
-                        if 0 <= sx < w:
-                            matrix[:, y, x, :, sy, sx] += self.weight[:, :, dy, dx]
+                sy = rows + dy - self.padding[0]
+                sx = cols + dx - self.padding[1]
+                inside = ((sy >= 0) & (sy < h)) & ((sx >= 0) & (sx < w))
+                out_pixel = np.flatnonzero(inside)
+                in_pixel = (np.broadcast_to(sy, inside.shape) * w + sx)[inside]
+                matrix[:, out_pixel, :, in_pixel] += self.weight[:, :, dy, dx][None]
         return matrix.reshape(o * oh * ow, i * h * w)
 
     def matrix(self) -> np.ndarray:

@@ -338,7 +338,8 @@ def _term_options(
             )
             options.append((plan, cost(product.rotations(), len(product.diagonals)), None))
     if not last and np.array_equal(source.positions, np.arange(source.size)):
-        width = 2
+        # Windows narrower than 1/64 of the period need more plaintexts than a dense map.
+        width = max(2, source.period // 64)
         while width <= source.period and width * size <= slots:
             built = window_product(matrix, source, width, slots, cost, allow_babies=allow_babies)
             if built is not None:
