@@ -40,14 +40,17 @@ __all__ = ["DEFAULT_KEY_BUDGET_BYTES", "CompileError", "compile_plan", "key_budg
 # own budget (``he-models convert --key-budget``); below the service's 128 MiB upload limit.
 DEFAULT_KEY_BUDGET_BYTES = 96 << 20
 # Simulated errors on unit-normal inputs fall short of errors on real data, typically by 1.5-3x
-# (measured on the shipped models and LeNet-5); selection and the published figure include it.
+# (measured on the shipped models and LeNet-5); selection includes the factor, and the
+# published expected maximum twice that.
 SAFETY = 2.5
+PUBLISHED = 2 * SAFETY
 # Encryption may cost at most this share of argmax agreement (the issue's bar is 0.5 points).
 MAX_DISAGREEMENT = 0.0025
 # Without recorded margins: the error may be at most this share of the outputs' spread.
 MAX_RELATIVE_ERROR = 0.02
-# A less precise candidate wins only if it costs at most this share of the most precise one.
-CHEAPER = 0.8
+# A plan that rotates ciphertexts at rest wins only if it costs at most this share of the best
+# plan that rotates products only.
+CHEAPER = 0.5
 _RINGS_PER_REGIME = 2
 
 
@@ -111,10 +114,12 @@ def compile_plan(
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         return min(candidates, key=lambda c: c.noise.rms).plan
-    # Precision is worth a little time: a less precise plan must save a fifth of the cost.
-    precise = min(fitting, key=lambda c: c.noise.rms)
-    cheaper = [c for c in fitting if c.cost <= CHEAPER * precise.cost]
-    return min(cheaper, key=lambda c: c.cost).plan if cheaper else precise.plan
+    # Rotating at rest costs precision the simulation sees only in part (measured: 1.5x to 5x
+    # more error than predicted), so that regime must halve the time to win.
+    steady = [c for c in fitting if not c.plan.params_reason.get("regime") == "babies"]
+    best = min(steady or fitting, key=lambda c: c.cost)
+    faster = [c for c in fitting if c.cost <= CHEAPER * best.cost]
+    return min(faster, key=lambda c: c.cost).plan if faster else best.plan
 
 
 def _candidates(
@@ -157,7 +162,7 @@ def _candidates(
         estimates = {
             "regime": choice.regime.name,
             "estimated_server_ms": round(cost, 1),
-            "expected_max_logit_error": float(f"{SAFETY * noise.max:.3g}"),
+            "expected_max_logit_error": float(f"{PUBLISHED * noise.max:.3g}"),
         }
         if agreement is not None:
             estimates["expected_agreement"] = round(agreement, 4)
