@@ -19,7 +19,14 @@ from he_service.engine.batch.affine import (
     round_half_away,
 )
 from he_service.engine.batch.errors import BatchEvaluationError
-from he_service.engine.batch.plan import BatchAffine, BatchPlan
+from he_service.engine.batch.plan import (
+    INPUT,
+    BatchAffine,
+    BatchPlan,
+    BatchPoly,
+    BatchTerm,
+    ciphertext_sizes,
+)
 from he_service.engine.batch.raw import raw_access_available, raw_view
 from he_service.engine.evaluator import Timings
 from he_service.protocol.params import seal_context
@@ -76,38 +83,73 @@ class BatchEvaluator:
             raise BatchEvaluationError("parameters hold fewer levels than the plan drops")
         self.input_parms_id = self._levels[0].parms_id
         self.input_scale = plan.params.scale
-        self._runs: list[AffineRun | PolyRun] = []
+        self._sizes = ciphertext_sizes(plan.layers)
+        self._runs: list[AffineRun | PolyRun | None] = []
         # Scales follow SEAL's own double arithmetic (products, division by the dropped prime),
-        # so that constants can be prepared here, at the scale where they are added.
-        scale, level = self.input_scale, 0
-        for layer in plan.layers:
-            if isinstance(layer, BatchAffine):
-                run = prepare_affine(layer, level, self._levels[level].moduli, scale)
-                self._runs.append(run)
-                scale = run.output_scale
-                for _ in range(layer.rescales):
-                    scale = scale / float(self._levels[level].moduli[-1])
-                    level += 1
-            else:
+        # so that constants can be prepared here, at the scale where they are added; the
+        # compiler computed the same numbers to choose the weights: check that they agree.
+        scales, levels = {INPUT: self.input_scale}, {INPUT: 0}
+        for index, layer in enumerate(plan.layers):
+            if isinstance(layer, BatchPoly):
+                level = levels[layer.source]
                 parms_id = self._levels[level].parms_id
-                poly = prepare_activation(layer, scale, parms_id, self._encoder)
+                poly = prepare_activation(layer, scales[layer.source], parms_id, self._encoder)
                 self._runs.append(poly)
-                scale = poly.output_scale
-        self.output_scale = scale
-        self.output_parms_id = self._levels[level].parms_id
-        last = self._runs[-1]
-        assert isinstance(last, AffineRun)
+                scales[index], levels[index] = poly.output_scale, level
+                continue
+            for term in layer.terms:
+                self._check_term(term, layer, scales, levels)
+            self._runs.append(
+                prepare_affine(
+                    layer,
+                    [self._sizes[t.source] for t in layer.terms],
+                    self._levels[layer.level].moduli,
+                    layer.level,
+                )
+                if layer.terms
+                else None  # a hidden layer whose units were all pruned
+            )
+            scale = layer.scale
+            for offset in range(layer.rescales):
+                scale = scale / float(self._levels[layer.level + offset].moduli[-1])
+            scales[index], levels[index] = scale, layer.level + layer.rescales
+        final = len(plan.layers) - 1
+        self.output_scale = scales[final]
+        self.output_parms_id = self._levels[levels[final]].parms_id
+        last = plan.layers[final]
+        assert isinstance(last, BatchAffine)
         self._constants = {
             int(row): [
-                round_half_away(float(last.layer.bias[row]) * scale) % q
-                for q in self._levels[level].moduli
+                round_half_away(float(last.bias[row]) * self.output_scale) % q
+                for q in self._levels[levels[final]].moduli
             ]
-            for row in last.constant_rows
+            for row in last.constant_rows()
         }
         if self.backend == "seal" and self._constants:
             raise BatchEvaluationError(
                 "the model has constant outputs, which only the numpy backend can produce"
             )
+        self._last_reader = {
+            value: readers[-1] for value, readers in plan.readers().items() if readers
+        }
+
+    def _check_term(
+        self,
+        term: BatchTerm,
+        layer: BatchAffine,
+        scales: dict[int, float],
+        levels: dict[int, int],
+    ) -> None:
+        """Refuse a plan whose scales differ from the ones SEAL will compute."""
+        scale, level = scales[term.source], levels[term.source]
+        if level + len(term.align) != layer.level:
+            raise BatchEvaluationError("internal level mismatch in the plan's alignments")
+        for offset, rescale in enumerate(term.align):
+            if rescale:
+                scale = scale / float(self._levels[level + offset].moduli[-1])
+        product = scale * term.weight_scale * 2.0**term.shift
+        if scale != term.source_scale or abs(product - layer.scale) > 1e-9 * layer.scale:
+            raise BatchEvaluationError("internal scale mismatch in the plan's terms")
 
     def check_inputs(self, cts: Sequence[seal.Ciphertext]) -> None:
         """Refuse inputs that do not fit the plan.
@@ -166,22 +208,91 @@ class BatchEvaluator:
             One ciphertext (size 2) per model output, sample j in slot j.
         """
         timings = timings if timings is not None else Timings()
-        vector = list(cts)
-        for run in self._runs:
+        values: dict[int, list[seal.Ciphertext]] = {INPUT: list(cts)}
+        final = len(self.plan.layers) - 1
+        for index, (layer, run) in enumerate(zip(self.plan.layers, self._runs, strict=True)):
             start = time.perf_counter()
-            if isinstance(run, PolyRun):
-                vector = evaluate_activation(self._evaluator, vector, run, relin_keys)
+            if isinstance(layer, BatchPoly):
+                assert isinstance(run, PolyRun)
+                values[index] = evaluate_activation(
+                    self._evaluator,
+                    values[layer.source],
+                    run,
+                    relin_keys,
+                    consume=self._owns(layer.source, index),
+                )
                 timings.add("activation", time.perf_counter() - start)
+                self._release(values, [layer.source], index)
                 continue
-            vector = self._affine(vector, run)
+            if run is None:
+                values[index] = []
+                self._release(values, [t.source for t in layer.terms], index)
+                continue
+            assert isinstance(run, AffineRun)
+            sources = [self._aligned(values[t.source], t, index) for t in layer.terms]
             middle = time.perf_counter()
-            timings.add("affine", middle - start)
-            constant = set(self._constants) if run is self._runs[-1] else set()
-            self._rescale_relinearize(vector, run.layer.rescales, relin_keys, skip=constant)
-            timings.add("activation", time.perf_counter() - middle)
+            out = self._affine(sources, run)
+            del sources
+            self._release(values, [t.source for t in layer.terms], index)
+            after = time.perf_counter()
+            constant = set(self._constants) if index == final else set()
+            self._rescale_relinearize(out, layer.rescales, relin_keys, skip=constant)
+            values[index] = out
+            timings.add("affine", after - middle)
+            timings.add("activation", (middle - start) + (time.perf_counter() - after))
+        vector = values[final]
         if self._constants:
             self._write_constants(vector)
         return vector
+
+    def _owns(self, source: int, reader: int) -> bool:
+        """Return whether layer ``reader`` may consume ``source``'s ciphertexts in place."""
+        return source != INPUT and self._last_reader.get(source) == reader
+
+    def _release(
+        self, values: dict[int, list[seal.Ciphertext]], sources: list[int], at: int
+    ) -> None:
+        """Free the values whose last reader is layer ``at`` (the request's stay the caller's)."""
+        for source in sources:
+            if self._last_reader.get(source) == at and source in values:
+                del values[source]
+
+    def _aligned(
+        self, vector: list[seal.Ciphertext], term: BatchTerm, reader: int
+    ) -> list[seal.Ciphertext]:
+        """Return the ciphertexts a term reads, brought down to its layer's level.
+
+        The numpy backend reads the first limbs of a ciphertext above the layer's level (what
+        a modulus switch leaves), so trailing modulus switches are skipped there.
+        """
+        cts = [vector[i] for i in term.inputs]
+        steps = list(term.align)
+        if self.backend == "numpy":
+            while steps and not steps[-1]:
+                steps.pop()
+        if not steps:
+            return cts
+        ev = self._evaluator
+        copied = self._owns(term.source, reader)
+        aligned = []
+        for ct in cts:
+            current = ct
+            own = copied
+            for rescale in steps:
+                if own:
+                    if rescale:
+                        ev.rescale_to_next_inplace(current)
+                    else:
+                        ev.mod_switch_to_next_inplace(current)
+                    continue
+                fresh = seal.Ciphertext()
+                if rescale:
+                    ev.rescale_to_next(current, fresh)
+                else:
+                    ev.mod_switch_to_next(current, fresh)
+                current, own = fresh, True
+            aligned.append(current)
+        return aligned
 
     def _rescale_relinearize(
         self,
@@ -223,12 +334,29 @@ class BatchEvaluator:
             ct.scale = self.output_scale
             vector[row] = ct
 
-    def _affine(self, vector: list[seal.Ciphertext], run: AffineRun) -> list[seal.Ciphertext]:
-        inputs = [vector[i] for i in run.layer.inputs]
+    def _affine(
+        self, sources: list[list[seal.Ciphertext]], run: AffineRun
+    ) -> list[seal.Ciphertext]:
         level = self._levels[run.level]
-        for ct in inputs:
-            if ct.scale != run.input_scale or list(ct.parms_id()) != level.parms_id:
-                raise BatchEvaluationError("internal level or scale mismatch at an affine map")
+        limbs = len(level.moduli)
+        template: seal.Ciphertext | None = None
+        for term_run, cts in zip(run.terms, sources, strict=True):
+            term = term_run.term
+            for ct in cts:
+                if (
+                    ct.scale != term.source_scale
+                    or ct.size() != term_run.size
+                    or ct.coeff_modulus_size() < limbs
+                    or (self.backend == "seal" and list(ct.parms_id()) != level.parms_id)
+                ):
+                    raise BatchEvaluationError("internal level or scale mismatch at an affine map")
+            if template is None and term_run.size == run.size and cts:
+                template = cts[0]
         if self.backend == "seal":
-            return affine_seal(self._evaluator, self._encoder, inputs, run, level.parms_id)
-        return affine_numpy(self._evaluator, inputs, run, level.moduli)
+            return affine_seal(self._evaluator, self._encoder, sources, run, level.parms_id)
+        assert template is not None
+        shaped = seal.Ciphertext()
+        self._evaluator.negate(template, shaped)
+        if list(shaped.parms_id()) != level.parms_id:
+            self._evaluator.mod_switch_to_inplace(shaped, level.parms_id)
+        return affine_numpy(self._evaluator, sources, run, level.moduli, shaped)
