@@ -82,7 +82,12 @@ def round_half_away(value: float) -> int:
 
 
 def prepare_affine(
-    layer: BatchAffine, sizes: list[int], moduli: list[int], level: int
+    layer: BatchAffine,
+    sizes: list[int],
+    moduli: list[int],
+    level: int,
+    *,
+    size: int | None = None,
 ) -> AffineRun:
     """Bind an affine layer to its level: tiles, chunk widths, bias residues per prime.
 
@@ -91,6 +96,8 @@ def prepare_affine(
         sizes: polynomials of the ciphertexts each term reads.
         moduli: the primes of the layer's level.
         level: the layer's level.
+        size: polynomials of its outputs, when more than its terms give (the rest of a layer
+            whose other terms were accumulated already).
 
     Raises:
         BatchEvaluationError: a prime too far below a power of two for ``combine_chunks``.
@@ -130,7 +137,7 @@ def prepare_affine(
         layer,
         level,
         output_scale,
-        max(sizes),
+        max([*sizes, size or 2]),
         order,
         terms,
         bias[order],
@@ -190,7 +197,9 @@ def affine_numpy(
     sources: list[list[seal.Ciphertext]],
     run: AffineRun,
     moduli: list[int],
-    template: seal.Ciphertext,
+    template: seal.Ciphertext | None = None,
+    *,
+    into: list[seal.Ciphertext] | None = None,
 ) -> list[seal.Ciphertext]:
     """The same integers as ``affine_seal``, as float64 matrix products per prime.
 
@@ -202,17 +211,23 @@ def affine_numpy(
         sources: per term, the ciphertexts its columns read, at the layer's level or above.
         run: the prepared layer.
         moduli: the primes of the layer's level.
-        template: a ciphertext at the layer's level with the outputs' size.
+        template: a ciphertext at the layer's level with the outputs' size (new outputs).
+        into: instead, existing outputs (one per row, at the layer's level and size) to add
+            the results to, modulo each prime: a layer accumulated part by part.
     """
     rows = run.layer.rows
-    out = [seal.Ciphertext() for _ in range(rows)]
-    for ct in out:
-        evaluator.negate(template, ct)  # right level, size and NTT form; data overwritten below
-        ct.scale = run.output_scale
+    if into is None:
+        assert template is not None
+        out = [seal.Ciphertext() for _ in range(rows)]
+        for ct in out:
+            evaluator.negate(template, ct)  # right level, size, NTT form; data overwritten below
+            ct.scale = run.output_scale
+    else:
+        out = into
     out_views = [raw_view(out[j]) for j in run.order]
-    degree = template.poly_modulus_degree()
+    degree = out_views[0].shape[2] if out_views else 0
     size = run.size
-    single = len(run.terms) == 1
+    single = len(run.terms) == 1 and run.terms[0].size == size
     parts = [
         _TermBuffers(t, inputs, moduli, rows, degree)
         for t, inputs in zip(run.terms, sources, strict=True)
@@ -232,6 +247,8 @@ def affine_numpy(
                     shift_mod(acc, part.run.term.shift, q, spare)
             else:
                 live = [part for part in parts if poly < part.run.size]
+                if not live:
+                    acc[...] = 0
                 for added, part in enumerate(live):
                     part.products(poly, limb, q, total, spare)
                     reduce_mod(total, q, spare, out=total)
@@ -247,8 +264,14 @@ def affine_numpy(
             if poly == 0:
                 acc += run.bias[:, limb : limb + 1]
             reduce_mod(acc, q, spare, out=acc)
+        if into is None:
+            for position, view in enumerate(out_views):
+                view[:, limb] = unsigned[:, position]
+            continue
         for position, view in enumerate(out_views):
-            view[:, limb] = unsigned[:, position]
+            target = view[:, limb]
+            np.add(target, unsigned[:, position], out=target)  # both below q < 2^60
+            np.minimum(target, target - np.uint64(q), out=target)  # below q: the sum wraps
     return out
 
 

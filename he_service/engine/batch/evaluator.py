@@ -28,6 +28,7 @@ from he_service.engine.batch.plan import (
     ciphertext_sizes,
 )
 from he_service.engine.batch.raw import raw_access_available, raw_view
+from he_service.engine.batch.stream import STREAM_BYTES, Stream, plan_streams
 from he_service.engine.evaluator import Timings
 from he_service.protocol.params import seal_context
 
@@ -51,12 +52,16 @@ class BatchEvaluator:
             ``"numpy"`` (require that) or ``"seal"`` (``multiply_plain`` per weight: the slow
             reference). The SEAL path encodes each scalar on the fly (6 us, 2% of its time);
             caching them would take up to 12,000 plaintexts of 256 KB for mnist-cnn.
+        stream_bytes: a layer whose outputs and activations would hold more than this is
+            evaluated in chunks of about this size, streamed into its reader (``stream.py``).
 
     Raises:
         BatchEvaluationError: the parameters or backend cannot run the plan.
     """
 
-    def __init__(self, plan: BatchPlan, *, backend: str = "auto") -> None:
+    def __init__(
+        self, plan: BatchPlan, *, backend: str = "auto", stream_bytes: int = STREAM_BYTES
+    ) -> None:
         if backend not in ("auto", "numpy", "seal"):
             raise ValueError("backend must be 'auto', 'numpy' or 'seal'")
         raw = raw_access_available()
@@ -132,6 +137,12 @@ class BatchEvaluator:
         self._last_reader = {
             value: readers[-1] for value, readers in plan.readers().items() if readers
         }
+        self._streams: dict[int, Stream] = {}
+        if self.backend == "numpy":
+            moduli = [level.moduli for level in self._levels]
+            self._streams = plan_streams(plan, moduli, self._sizes, stream_bytes)
+        self._streamed = {s.poly for s in self._streams.values()}
+        self._accumulated = {s.reader: s for s in self._streams.values()}
 
     def _check_term(
         self,
@@ -209,9 +220,15 @@ class BatchEvaluator:
         """
         timings = timings if timings is not None else Timings()
         values: dict[int, list[seal.Ciphertext]] = {INPUT: list(cts)}
+        pending: dict[int, list[seal.Ciphertext]] = {}
         final = len(self.plan.layers) - 1
         for index, (layer, run) in enumerate(zip(self.plan.layers, self._runs, strict=True)):
             start = time.perf_counter()
+            if index in self._streamed:
+                continue  # evaluated chunk by chunk with its source
+            if index in self._streams:
+                self._stream(self._streams[index], values, pending, relin_keys, timings)
+                continue
             if isinstance(layer, BatchPoly):
                 assert isinstance(run, PolyRun)
                 values[index] = evaluate_activation(
@@ -229,9 +246,17 @@ class BatchEvaluator:
                 self._release(values, [t.source for t in layer.terms], index)
                 continue
             assert isinstance(run, AffineRun)
-            sources = [self._aligned(values[t.source], t, index) for t in layer.terms]
+            stream = self._accumulated.get(index)
+            terms = [t for i, t in enumerate(layer.terms) if stream is None or i != stream.term]
+            sources = [self._aligned(values[t.source], t, index) for t in terms]
             middle = time.perf_counter()
-            out = self._affine(sources, run)
+            if stream is None:
+                out = self._affine(sources, run)
+            else:  # the streamed term is in already: add the others and the bias
+                self._check_sources(stream.rest, sources)
+                out = pending.pop(index)
+                level = self._levels[layer.level]
+                affine_numpy(self._evaluator, sources, stream.rest, level.moduli, into=out)
             del sources
             self._release(values, [t.source for t in layer.terms], index)
             after = time.perf_counter()
@@ -244,6 +269,77 @@ class BatchEvaluator:
         if self._constants:
             self._write_constants(vector)
         return vector
+
+    def _stream(
+        self,
+        stream: Stream,
+        values: dict[int, list[seal.Ciphertext]],
+        pending: dict[int, list[seal.Ciphertext]],
+        relin_keys: seal.RelinKeys,
+        timings: Timings,
+    ) -> None:
+        """Run A, its activation and their share of B chunk by chunk (``stream.py``)."""
+        ev = self._evaluator
+        a = self.plan.layers[stream.source]
+        b = self.plan.layers[stream.reader]
+        assert isinstance(a, BatchAffine) and isinstance(b, BatchAffine)
+        start = time.perf_counter()
+        whole = [self._aligned(values[t.source], t, stream.source) for t in a.terms]
+        poly = self._runs[stream.poly]
+        assert isinstance(poly, PolyRun)
+        read = b.terms[stream.term]
+        a_moduli = self._levels[a.level].moduli
+        b_moduli = self._levels[b.level].moduli
+        out: list[seal.Ciphertext] | None = None
+        affine = 0.0
+        for chunk in stream.chunks:
+            sources = [[whole[t][c] for c in columns] for t, columns in chunk.a_columns]
+            self._check_sources(chunk.a_run, sources)
+            begin = time.perf_counter()
+            template = self._template(sources, chunk.a_run)
+            part = affine_numpy(ev, sources, chunk.a_run, a_moduli, template)
+            affine += time.perf_counter() - begin
+            del sources
+            self._rescale_relinearize(part, a.rescales, relin_keys, skip=set())
+            activated = evaluate_activation(ev, part, poly, relin_keys, consume=True)
+            del part
+            if chunk.b_run is None:
+                continue
+            share = self._align_steps([activated[i] for i in chunk.b_columns], read.align, True)
+            del activated
+            self._check_sources(chunk.b_run, [share])
+            if out is None:
+                out = self._zeros(b, share[0], stream.rest.size)
+            begin = time.perf_counter()
+            targets = [out[row] for row in chunk.b_rows]
+            affine_numpy(ev, [share], chunk.b_run, b_moduli, into=targets)
+            affine += time.perf_counter() - begin
+            del share, targets
+        del whole
+        self._release(values, [t.source for t in a.terms], stream.source)
+        assert out is not None  # every unit of P is read by B (pruning)
+        pending[stream.reader] = out
+        timings.add("affine", affine)
+        timings.add("activation", time.perf_counter() - start - affine)
+
+    def _zeros(self, layer: BatchAffine, like: seal.Ciphertext, size: int) -> list[seal.Ciphertext]:
+        """Return a layer's outputs set to zero, at its level and scale, to add products to."""
+        ev = self._evaluator
+        shaped = seal.Ciphertext()
+        ev.negate(like, shaped)
+        parms_id = self._levels[layer.level].parms_id
+        if list(shaped.parms_id()) != parms_id:
+            ev.mod_switch_to_inplace(shaped, parms_id)
+        if shaped.size() != size:
+            raise BatchEvaluationError("internal size mismatch in a streamed layer")
+        out = []
+        for _ in range(layer.rows):
+            ct = seal.Ciphertext()
+            ev.negate(shaped, ct)  # SEAL refuses to produce a zero ciphertext: zero it here
+            raw_view(ct)[...] = 0
+            ct.scale = layer.scale
+            out.append(ct)
+        return out
 
     def _owns(self, source: int, reader: int) -> bool:
         """Return whether layer ``reader`` may consume ``source``'s ciphertexts in place."""
@@ -266,18 +362,23 @@ class BatchEvaluator:
         a modulus switch leaves), so trailing modulus switches are skipped there.
         """
         cts = [vector[i] for i in term.inputs]
-        steps = list(term.align)
+        return self._align_steps(cts, term.align, self._owns(term.source, reader))
+
+    def _align_steps(
+        self, cts: list[seal.Ciphertext], align: tuple[bool, ...], owned: bool
+    ) -> list[seal.Ciphertext]:
+        """Rescale or switch each ciphertext down, in place when ``owned``, else on copies."""
+        steps = list(align)
         if self.backend == "numpy":
             while steps and not steps[-1]:
                 steps.pop()
         if not steps:
             return cts
         ev = self._evaluator
-        copied = self._owns(term.source, reader)
         aligned = []
         for ct in cts:
             current = ct
-            own = copied
+            own = owned
             for rescale in steps:
                 if own:
                     if rescale:
@@ -334,12 +435,10 @@ class BatchEvaluator:
             ct.scale = self.output_scale
             vector[row] = ct
 
-    def _affine(
-        self, sources: list[list[seal.Ciphertext]], run: AffineRun
-    ) -> list[seal.Ciphertext]:
+    def _check_sources(self, run: AffineRun, sources: list[list[seal.Ciphertext]]) -> None:
+        """Refuse ciphertexts whose scale, size or level differ from what the plan says."""
         level = self._levels[run.level]
         limbs = len(level.moduli)
-        template: seal.Ciphertext | None = None
         for term_run, cts in zip(run.terms, sources, strict=True):
             term = term_run.term
             for ct in cts:
@@ -350,13 +449,27 @@ class BatchEvaluator:
                     or (self.backend == "seal" and list(ct.parms_id()) != level.parms_id)
                 ):
                     raise BatchEvaluationError("internal level or scale mismatch at an affine map")
-            if template is None and term_run.size == run.size and cts:
-                template = cts[0]
+
+    def _template(self, sources: list[list[seal.Ciphertext]], run: AffineRun) -> seal.Ciphertext:
+        """Return a ciphertext at the layer's level with its outputs' size (data irrelevant)."""
+        like = next(
+            cts[0]
+            for term_run, cts in zip(run.terms, sources, strict=True)
+            if term_run.size == run.size and cts
+        )
+        shaped = seal.Ciphertext()
+        self._evaluator.negate(like, shaped)
+        parms_id = self._levels[run.level].parms_id
+        if list(shaped.parms_id()) != parms_id:
+            self._evaluator.mod_switch_to_inplace(shaped, parms_id)
+        return shaped
+
+    def _affine(
+        self, sources: list[list[seal.Ciphertext]], run: AffineRun
+    ) -> list[seal.Ciphertext]:
+        self._check_sources(run, sources)
+        level = self._levels[run.level]
         if self.backend == "seal":
             return affine_seal(self._evaluator, self._encoder, sources, run, level.parms_id)
-        assert template is not None
-        shaped = seal.Ciphertext()
-        self._evaluator.negate(template, shaped)
-        if list(shaped.parms_id()) != level.parms_id:
-            self._evaluator.mod_switch_to_inplace(shaped, level.parms_id)
-        return affine_numpy(self._evaluator, sources, run, level.moduli, shaped)
+        template = self._template(sources, run)
+        return affine_numpy(self._evaluator, sources, run, level.moduli, template)

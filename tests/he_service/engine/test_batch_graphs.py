@@ -18,13 +18,14 @@ import tenseal.sealapi as seal
 
 from he_service.artifacts import Add, Layer, Linear, ModelArtifact, Poly
 from he_service.engine import CompileError
-from he_service.engine.batch import BatchAffine, BatchPlan, compile_batch_plan
+from he_service.engine.batch import BatchAffine, BatchEvaluator, BatchPlan, compile_batch_plan
 from he_service.engine.batch.compiler import _network, _poly_of
 from he_service.engine.batch.parameters import ParameterChoice, choose_parameters, drop_primes
 from he_service.engine.batch.plan import INPUT, FloatPoly
 from he_service.engine.batch.products import reduce_mod, shift_mod
 from he_service.engine.graph import build_graph
 from he_service.protocol import save_seal
+from he_service.protocol.batch_encoding import encode_batch
 from he_service.protocol.params import MAX_COEFF_BITS_128, CkksParams
 
 from .batch_keys import Keys, forward, run_encrypted
@@ -309,3 +310,34 @@ def test_numpy_products_are_bit_identical_to_seal_on_joins(
     slow, slow_cts = run_encrypted(plan, keys(plan.params), samples, backend="seal")
     assert [save_seal(c) for c in fast_cts] == [save_seal(c) for c in slow_cts]
     np.testing.assert_array_equal(fast, slow)
+
+
+# ---- memory: streaming a large layer into its reader
+
+
+@pytest.mark.parametrize(
+    ("generator", "seed"),
+    [
+        (random_network, 12),  # a chain: conv, cubic, dense
+        (random_residual_network, 6),  # the stream's reader is a join
+        (random_graph_network, 33),  # two streams, degrees 2 to 4
+    ],
+)
+def test_streamed_layers_give_the_same_ciphertexts(
+    generator: Callable[[np.random.Generator], tuple[ModelArtifact, np.ndarray]],
+    seed: int,
+    keys: Callable[[CkksParams], Keys],
+) -> None:
+    """Chunks of a layer, its activation and their share of the reader: the same integers."""
+    rng = np.random.default_rng(seed)
+    artifact, _ = generator(rng)
+    plan = compile_batch_plan(artifact)
+    k = keys(plan.params)
+    (group,) = encode_batch(rng.normal(size=(20, *artifact.input_shape)), plan.slot_count)
+    cts = k.encrypt(group)
+    whole = BatchEvaluator(plan)
+    assert not whole._streams  # small layers are not streamed by default
+    streamed = BatchEvaluator(plan, stream_bytes=20_000_000)
+    assert streamed._streams and all(len(s.chunks) > 1 for s in streamed._streams.values())
+    expected = [save_seal(ct) for ct in whole.evaluate(cts, k.relin_keys)]
+    assert [save_seal(ct) for ct in streamed.evaluate(cts, k.relin_keys)] == expected
