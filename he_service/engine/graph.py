@@ -406,6 +406,10 @@ def _weighted_neighbour(ops: list[LinearOp], index: int) -> int | None:
                 if isinstance(op, Conv) and per_channel is None:
                     return None
                 return j
+            if isinstance(op, Diagonal) and (
+                per_channel is not None or op.in_shape == scale.in_shape
+            ):
+                return j
             if (isinstance(op, Pool) and per_channel is not None) or isinstance(op, Reshape):
                 j += step
                 continue
@@ -425,6 +429,8 @@ def _per_channel(scale: Diagonal) -> np.ndarray | None:
 
 def _times_diagonal(op: LinearOp, scale: Diagonal, *, after: bool) -> LinearOp:
     """Return ``op`` with ``scale`` applied after it (or before it)."""
+    if isinstance(op, Diagonal):
+        return Diagonal(op.factor * _resize(scale, op.in_shape), op.in_shape)
     if isinstance(op, Dense):
         if after:
             factor = _resize(scale, op.out_shape)

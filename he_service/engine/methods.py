@@ -130,9 +130,14 @@ def _best_product(
     offset: int,
     cost: CostFn,
     allow_babies: bool,
+    *,
+    modulus: int | None = None,
 ) -> Product:
-    """Simplify the box, then pick the cheapest split of its axes into babies and giants."""
-    box, combined = simplify(box, diagonals, slots)
+    """Simplify the box, then pick the cheapest split of its axes into babies and giants.
+
+    Steps matter modulo ``modulus``, the period the input repeats with (default: slots).
+    """
+    box, combined = simplify(box, diagonals, slots, modulus or slots)
     if not combined:
         combined = {(0,) * len(box.sizes): np.zeros(slots)}
     dims = range(len(box.sizes))
@@ -150,23 +155,24 @@ def _best_product(
 
 
 def simplify(
-    box: Box, diagonals: dict[Coords, np.ndarray], slots: int
+    box: Box, diagonals: dict[Coords, np.ndarray], slots: int, modulus: int
 ) -> tuple[Box, dict[Coords, np.ndarray]]:
     """Return an equivalent box with fewer points, and the diagonals on it.
 
-    Coordinates wrap where ``j g`` returns to 0 modulo the slot count; an axis whose
+    Coordinates wrap where ``j g`` returns to 0 modulo ``modulus`` (the input's period; it
+    divides the slot count); an axis whose
     generator is a multiple ``k`` of another's merges into it (``j_b + k j_a``) when that
     makes fewer points; axes that never move (generator 0 or one point) disappear. Diagonals
     that land on one point have the same step, hence different output slots: they add up.
     """
-    generators = [g % slots for g in box.generators]
+    generators = [g % modulus for g in box.generators]
     sizes = list(box.sizes)
     points = [list(c) for c in diagonals]
     vectors = list(diagonals.values())
 
     def wrap() -> None:
         for t, g in enumerate(generators):
-            period = slots // math.gcd(g, slots) if g else 1
+            period = modulus // math.gcd(g, modulus) if g else 1
             if sizes[t] > period:
                 sizes[t] = period
             for p in points:
@@ -211,6 +217,7 @@ def conv_product(
     cost: CostFn,
     *,
     allow_babies: bool,
+    out_period: int | None = None,
 ) -> tuple[Product, Layout] | None:
     """Evaluate a convolution on a grid layout into a grid layout.
 
@@ -225,6 +232,10 @@ def conv_product(
         slots: the slot count.
         cost: what a schedule costs.
         allow_babies: whether the input may be rotated (see ``schedule.py``).
+        out_period: the output's replication period (default: one copy). Replicated channel
+            blocks make channel offsets cyclic: the next convolution's steps between input and
+            output channels wrap around, so its box shrinks from ``C_in + C_out - 1`` block
+            offsets to ``max(C_in, C_out)``. It needs an input repeating at least as often.
 
     Returns:
         The product and the output layout, or None when the layouts cannot take it.
@@ -233,6 +244,9 @@ def conv_product(
     if grid is None:
         return None
     period = inp.period
+    out_period = slots if out_period is None else out_period
+    if out_period % period:
+        return None
     sy, sx = conv.stride
     py, px = conv.padding
     out_c, in_c, kh, kw = conv.weight.shape
@@ -276,10 +290,11 @@ def conv_product(
     out_grid = Grid(
         ys, xs, tuple(gens_out), tuple(tuple(int(v) for v in c) for c in cout), origin_out
     )
-    out = Layout.of_grid(conv.out_shape, out_grid, slots, clean=True)
+    out = Layout.of_grid(conv.out_shape, out_grid, out_period, clean=True)
     if not out.is_injective():
         return None
     out_positions = out.positions.reshape(out_c, out_h, out_w)
+    copies = np.arange(slots // out_period) * out_period
     # Output pixels whose input pixel at kernel offset (dy, dx) lies inside the image.
     rows = np.arange(out_h)[:, None] * sy
     cols = np.arange(out_w)[None, :] * sx
@@ -291,7 +306,7 @@ def conv_product(
         if not inside.any():
             continue
         for o in range(out_c):
-            slots_o = out_positions[o][inside]
+            slots_o = (out_positions[o][inside][:, None] + copies[None, :]).reshape(-1)
             for i in range(in_c):
                 weight = conv.weight[o, i, dy, dx]
                 if weight == 0.0:
@@ -305,7 +320,7 @@ def conv_product(
                 vector = diagonals.setdefault(coords, np.zeros(slots))
                 vector[slots_o] += weight
     product = _best_product(
-        Box(generators, sizes), diagonals, (), slots, offset, cost, allow_babies
+        Box(generators, sizes), diagonals, (), slots, offset, cost, allow_babies, modulus=period
     )
     return product, out
 

@@ -410,9 +410,17 @@ def _products(
         out = Layout(op.out_shape, layout.positions, layout.period, True, layout.grid)
         yield scale_product(op, layout, slots), out, "scale"
     elif isinstance(op, Conv) and layout.grid is not None:
-        for gens, coords in _conv_placements(op, layout, slots):
+        for gens, coords, period in _conv_placements(op, layout, slots):
             built = conv_product(
-                op, layout, None, gens, coords, slots, cost, allow_babies=allow_babies
+                op,
+                layout,
+                None,
+                gens,
+                coords,
+                slots,
+                cost,
+                allow_babies=allow_babies,
+                out_period=period,
             )
             if built is not None:
                 product, out = built
@@ -421,12 +429,14 @@ def _products(
 
 def _conv_placements(
     conv: Conv, layout: Layout, slots: int
-) -> Iterator[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]]:
-    """Yield output channel placements: one block per channel, or blocks with multiplexing.
+) -> Iterator[tuple[tuple[int, ...], tuple[tuple[int, ...], ...], int]]:
+    """Yield output channel placements (generators, coordinates, period).
 
-    Blocks are either as wide as the output needs, or as wide as the input's blocks (then
-    input and output channel offsets differ by whole blocks, and a strided output's gaps take
-    the channels that do not fit: fewer, fuller products).
+    One block per channel, or blocks with multiplexing. Blocks are either as wide as the
+    output needs, or as wide as the input's blocks (then input and output channel offsets
+    differ by whole blocks, and a strided output's gaps take the channels that do not fit:
+    fewer, fuller products). The blocks are laid out once, or repeated across the ciphertext
+    when the input repeats at least as often (cyclic channel offsets for the next layer).
     """
     grid = layout.grid
     assert grid is not None
@@ -439,9 +449,17 @@ def _conv_placements(
         if blocks < 1:
             continue
         if channels <= blocks:
-            yield (block,), tuple((o,) for o in range(channels))
+            placement = ((block,), tuple((o,) for o in range(channels)))
+            used = channels
         elif out_grid.xs >= 2 and -(-channels // blocks) <= out_grid.xs:
-            yield (block, 1), tuple((o % blocks, o // blocks) for o in range(channels))
+            placement = ((block, 1), tuple((o % blocks, o // blocks) for o in range(channels)))
+            used = blocks
+        else:
+            continue
+        yield (*placement, slots)
+        period = next_pow2(used * block)
+        if layout.period <= period < slots:
+            yield (*placement, period)
 
 
 def _to_target(
@@ -459,7 +477,15 @@ def _to_target(
             return
         if isinstance(op, Conv) and target.grid is not None and source.grid is not None:
             built = conv_product(
-                op, source, target.grid, (), (), slots, cost, allow_babies=allow_babies
+                op,
+                source,
+                target.grid,
+                (),
+                (),
+                slots,
+                cost,
+                allow_babies=allow_babies,
+                out_period=target.period,
             )
             if built is not None and built[1].key == target.key:
                 product, out = built

@@ -9,16 +9,15 @@ and encrypted outputs that agree with the plaintext polynomial network (argmax f
 classifiers, absolute error for the regression head). One test serves several of them with
 the real ``he-service serve`` process.
 
-``REFUSED`` networks are ones users train that the engine does not serve yet (residual blocks,
-convolutions whose keys exceed the budget); their test asserts today's refusal and fails the
-day the network is served, to be moved to ``SERVED``.
+Residual blocks are among them (an identity skip around a dense block, a convolutional block
+with BatchNorm after the sum), as are the convolutions whose Galois keys once exceeded the key
+budget.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -38,8 +37,7 @@ from he_service import create_app
 from he_service.artifacts import load_artifact
 from he_service.engine import forward_plain, key_budget_of
 from he_service.protocol import encode_frames
-from models import ConversionError, ConversionReport
-from models.export import ExportError
+from models import ConversionReport
 from tests.networks.zoo import (
     CLASSIFICATION,
     Converted,
@@ -199,40 +197,31 @@ SERVED: list[NetworkSpec] = [
         "conv 1->6 5x5 pad 2, Tanh, AvgPool 2, 96-10",
         family="cnn",
     ),
+    NetworkSpec(
+        "wine-mlp-residual",
+        "wine",
+        ResidualMLP,
+        "13-16 + residual 16-16, 16-3",
+        epochs=30,
+        batch_size=32,
+    ),
+    NetworkSpec(
+        "digits-cnn-residual",
+        "digits",
+        ResidualCNN,
+        "conv 1->4, residual conv 4->4 + BatchNorm, AvgPool 2, 64-10",
+        family="residual",
+    ),
 ]
 # Networks the batch plan (one sample per slot) is also checked on: few input features.
-BATCH_CHECKED = ("wine-mlp-bn-gelu-silu", "diabetes-regression", "digits-cnn-two-conv")
+BATCH_CHECKED = (
+    "wine-mlp-bn-gelu-silu",
+    "diabetes-regression",
+    "digits-cnn-two-conv",
+    "wine-mlp-residual",
+)
 # Served by one real `he-service serve` process (a classifier, a regression head, a CNN).
 REAL_SERVER = ("wine-mlp-relu", "diabetes-regression", "digits-cnn-stride")
-
-RESIDUAL = r"residual|skip connection"
-# name -> (spec, what today's refusal says). Move a network to SERVED when it is served.
-REFUSED: dict[str, tuple[NetworkSpec, str]] = {
-    spec.name: (spec, pattern)
-    for spec, pattern in [
-        (
-            NetworkSpec(
-                "wine-mlp-residual",
-                "wine",
-                ResidualMLP,
-                "13-16 + residual 16-16, 16-3",
-                epochs=30,
-                batch_size=32,
-            ),
-            RESIDUAL,
-        ),
-        (
-            NetworkSpec(
-                "digits-cnn-residual",
-                "digits",
-                ResidualCNN,
-                "conv 1->4, residual conv 4->4 + BatchNorm, AvgPool 2, 64-10",
-                family="residual",
-            ),
-            RESIDUAL,
-        ),
-    ]
-}
 
 
 @dataclass
@@ -431,14 +420,3 @@ def test_real_server_serves_the_zoo(zoo: Zoo, real_server: str) -> None:
             assert float(np.abs(outputs - served.plain).max()) <= served.tolerance()
             if served.data.task == CLASSIFICATION:
                 np.testing.assert_array_equal(outputs.argmax(1), served.plain.argmax(1))
-
-
-@pytest.mark.parametrize("name", sorted(REFUSED))
-def test_refused_until_the_engine_serves_it(tmp_path: Path, name: str) -> None:
-    """Today's refusal, with its reason; this fails once the network is served: move it."""
-    spec, pattern = REFUSED[name]
-    with pytest.raises((ConversionError, ExportError)) as refused:
-        converted, _ = convert_network(spec)
-        export_checked(converted, tmp_path)
-    assert re.search(pattern, str(refused.value)), str(refused.value)
-    assert not (tmp_path / name).exists()
