@@ -446,6 +446,7 @@ def _conv_placements(
     widths = {next_pow2(extent)} | {g for g in grid.generators if g >= extent and g & (g - 1) == 0}
     for block in sorted(widths):
         blocks = slots // block
+        placement: tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]
         if blocks < 1:
             continue
         if channels <= blocks:
