@@ -125,7 +125,7 @@ def start_server(
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=environ)
     server = ServedProcess(process, f"http://127.0.0.1:{port}", log, workers or 1)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"he-service serve exited early:\n{server.log_text()[-3000:]}")
@@ -137,7 +137,7 @@ def start_server(
             pass
         if time.monotonic() > deadline:
             server.stop()
-            raise RuntimeError(f"server not healthy in 120 s:\n{server.log_text()[-3000:]}")
+            raise RuntimeError(f"server not healthy in 180 s:\n{server.log_text()[-3000:]}")
         time.sleep(0.2)
 
 

@@ -36,7 +36,7 @@ def server_url() -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while True:
             assert process.poll() is None, process.stdout.read() if process.stdout else ""
             try:
@@ -44,7 +44,7 @@ def server_url() -> Iterator[str]:
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "server did not start in 60 s"
+            assert time.monotonic() < deadline, "server did not start in 180 s"
             time.sleep(0.2)
         yield url
     finally:

@@ -392,7 +392,7 @@ def real_server(zoo: Zoo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while True:
             assert process.poll() is None, process.stdout.read() if process.stdout else ""
             try:
@@ -400,7 +400,7 @@ def real_server(zoo: Zoo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "he-service serve did not start in 60 s"
+            assert time.monotonic() < deadline, "he-service serve did not start in 180 s"
             time.sleep(0.2)
         yield url
     finally:
