@@ -83,7 +83,12 @@ def _chosen(config: pytest.Config) -> list[str]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize benchmarks over the selected shipped models or scale-series networks."""
     if "model" in metafunc.fixturenames:
-        metafunc.parametrize("model", _chosen(metafunc.config) or shipped_models())
+        models = _chosen(metafunc.config) or shipped_models()
+        if metafunc.module.__name__.endswith("test_batch") and not _chosen(metafunc.config):
+            # A group that needs more than one request body (LeNet-5: 588 MiB, several GB of
+            # server memory, minutes per group) is measured only when named: --bench-models.
+            models = [m for m in models if _batch_request_bytes(m) <= BATCH_BODY_BYTES]
+        metafunc.parametrize("model", models)
     if "network" in metafunc.fixturenames:
         from scale_series import SERIES
 
@@ -94,6 +99,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             raise pytest.UsageError(f"--scale-networks: unknown {unknown}; known: {known}")
         specs = [spec for spec in SERIES if not chosen or spec.name in chosen]
         metafunc.parametrize("network", specs, ids=[spec.name for spec in specs])
+
+
+BATCH_BODY_BYTES = 512 << 20
+
+
+def _batch_request_bytes(model: str) -> int:
+    from he_service.artifacts import load_artifact
+    from he_service.config import DEFAULT_MODELS_DIR
+    from he_service.engine import compile_batch_plan
+
+    plan = compile_batch_plan(load_artifact(DEFAULT_MODELS_DIR / model))
+    return plan.costs()["request_bytes_per_group"]
 
 
 def _named_on_command_line(config: pytest.Config, path: Path) -> bool:

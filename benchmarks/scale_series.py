@@ -39,8 +39,8 @@ from he_service.engine import (
     compile_model,
     compile_plan,
     forward_plain,
+    key_budget_of,
 )
-from he_service.engine.model import key_budget_of
 from he_service.protocol import (
     decode_key_bundle,
     decode_output,

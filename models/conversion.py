@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from he_service.engine.compiler import MAX_POLY_DEGREE
+from he_service.engine import MAX_POLY_DEGREE
 from models._lowering import ACTIVATION, Change, Layer, PoolConv2d, lower, walk
 from models.polynomial import DEFAULT_TOLERANCE, PolyActivation, PolyFit, fit_polynomial
 from models.problems import ConversionError, Problem

@@ -97,6 +97,14 @@ def network_layers(network: ConvertedNetwork) -> tuple[list[dict[str, Any]], dic
     return chain(network), arrays
 
 
+def _outputs(network: nn.Module, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    inputs = to_tensor(x, torch.float64)
+    dtype = next(network.parameters()).dtype
+    with torch.no_grad():
+        outputs = [network(chunk.to(dtype)) for chunk in inputs.split(_BATCH)]
+    return torch.cat(outputs).to(torch.float64).numpy().reshape(len(inputs), -1)
+
+
 def max_abs_output(network: nn.Module, x: np.ndarray | torch.Tensor) -> float:
     """Return the largest absolute output of the network over the inputs, in float64.
 
@@ -107,11 +115,7 @@ def max_abs_output(network: nn.Module, x: np.ndarray | torch.Tensor) -> float:
     Returns:
         ``max |network(x)|``.
     """
-    inputs = to_tensor(x, torch.float64)
-    dtype = next(network.parameters()).dtype
-    with torch.no_grad():
-        outputs = [network(chunk.to(dtype)) for chunk in inputs.split(_BATCH)]
-    return float(torch.cat(outputs).abs().max())
+    return float(np.abs(_outputs(network, x)).max())
 
 
 def converted_manifest(
@@ -278,12 +282,16 @@ def check_output_bound(network: nn.Module, x: np.ndarray | torch.Tensor) -> dict
         x: preprocessed inputs.
 
     Returns:
-        ``{"max_abs_output", "samples", "limit"}`` for the manifest.
+        ``{"max_abs_output", "samples", "limit", "margins"}`` for the manifest. ``margins`` are
+        100 quantiles of the gap between the two largest outputs (for a classifier: how far
+        each sample is from changing class), which the engine weighs its expected encryption
+        error against; absent for a single output.
 
     Raises:
         OutputRangeError: if ``max |output| >= OUTPUT_LIMIT``.
     """
-    bound = max_abs_output(network, x)
+    outputs = _outputs(network, x)
+    bound = float(np.abs(outputs).max())
     samples = len(x)
     if not bound < OUTPUT_LIMIT:
         raise OutputRangeError(
@@ -292,4 +300,10 @@ def check_output_bound(network: nn.Module, x: np.ndarray | torch.Tensor) -> dict
             "scale the last layer down, train with weight decay, or fine-tune with a larger "
             "range_weight so that activations stay inside their fitted ranges"
         )
-    return {"max_abs_output": bound, "samples": samples, "limit": OUTPUT_LIMIT}
+    result: dict[str, Any] = {"max_abs_output": bound, "samples": samples, "limit": OUTPUT_LIMIT}
+    if outputs.shape[1] > 1:
+        top = np.sort(outputs, axis=1)
+        gaps = top[:, -1] - top[:, -2]
+        quantiles = np.quantile(gaps, (np.arange(100) + 0.5) / 100)
+        result["margins"] = [float(f"{q:.4g}") for q in quantiles]
+    return result

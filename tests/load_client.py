@@ -104,7 +104,11 @@ def supports_workers() -> bool:
 def start_server(
     directory: Path, *, workers: int | None, env: dict[str, str] | None = None
 ) -> ServedProcess:
-    """Start ``python -m he_service.cli serve`` on a free port and wait for its health."""
+    """Start ``python -m he_service.cli serve`` on a free port and wait until it has settled.
+
+    Healthy means one worker answers; the others may still be compiling their models, so the
+    server counts as started once its process tree's memory has stopped growing too.
+    """
     port = _free_port()
     log = directory / "server.log"
     environ = {
@@ -121,19 +125,31 @@ def start_server(
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=environ)
     server = ServedProcess(process, f"http://127.0.0.1:{port}", log, workers or 1)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"he-service serve exited early:\n{server.log_text()[-3000:]}")
         try:
             if httpx.get(f"{server.url}/v1/health", timeout=2).status_code == 200:
+                _wait_until_settled(process.pid, deadline)
                 return server
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
             server.stop()
-            raise RuntimeError(f"server not healthy in 120 s:\n{server.log_text()[-3000:]}")
+            raise RuntimeError(f"server not healthy in 180 s:\n{server.log_text()[-3000:]}")
         time.sleep(0.2)
+
+
+def _wait_until_settled(pid: int, deadline: float) -> None:
+    """Wait until the RSS of ``pid``'s process tree moves by less than 1% in two seconds."""
+    before = sum(rss_bytes(p) for p in process_tree(pid))
+    while time.monotonic() < deadline:
+        time.sleep(2.0)
+        now = sum(rss_bytes(p) for p in process_tree(pid))
+        if abs(now - before) <= 0.01 * before:
+            return
+        before = now
 
 
 # ------------------------------------------------------------------------------- memory

@@ -107,27 +107,27 @@ def test_public_apis_are_pinned() -> None:
     )
     assert sorted(he_service.engine.__all__) == sorted(
         [
-            "AffineStep",
+            "DEFAULT_KEY_BUDGET_BYTES",
+            "MAX_POLY_DEGREE",
             "BatchEvaluator",
             "BatchPlan",
             "CompileError",
             "CompiledModel",
             "CubicStep",
-            "DEFAULT_KEY_BUDGET_BYTES",
             "EncryptedEvaluator",
             "EvaluationError",
-            "InputStep",
             "ParameterError",
             "Plan",
             "PolyStep",
             "QuarticStep",
             "SquareStep",
             "Timings",
-            "choose_params",
             "compile_batch_plan",
             "compile_model",
             "compile_plan",
             "forward_plain",
+            "key_budget_of",
+            "max_depth_by_ring",
         ]
     )
     for module in (clients, he_service.protocol, he_service.engine):

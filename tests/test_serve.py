@@ -73,7 +73,7 @@ def _start(tmp_path: Path, workers: int, settings: dict[str, str] | None = None)
             env=env,
         )
     server = Server(process, f"http://127.0.0.1:{port}", log, workers)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while True:
         assert process.poll() is None, log.read_text()
         try:
@@ -81,7 +81,7 @@ def _start(tmp_path: Path, workers: int, settings: dict[str, str] | None = None)
                 return server
         except httpx.TransportError:
             pass
-        assert time.monotonic() < deadline, "server did not start in 60 s:\n" + log.read_text()
+        assert time.monotonic() < deadline, "server did not start in 180 s:\n" + log.read_text()
         time.sleep(0.1)
 
 

@@ -1,15 +1,19 @@
 """Compile models into CKKS evaluation plans and run them on ciphertexts."""
 
 from he_service.engine.batch import BatchEvaluator, BatchPlan, compile_batch_plan
-from he_service.engine.compiler import CompileError, compile_plan
+from he_service.engine.compiler import (
+    DEFAULT_KEY_BUDGET_BYTES,
+    CompileError,
+    compile_plan,
+    key_budget_of,
+)
 from he_service.engine.evaluator import EncryptedEvaluator, EvaluationError, Timings
-from he_service.engine.model import DEFAULT_KEY_BUDGET_BYTES, CompiledModel, compile_model
-from he_service.engine.params import ParameterError, choose_params
-from he_service.engine.plan import (
-    AffineStep,
+from he_service.engine.model import CompiledModel, compile_model
+from he_service.engine.params import ParameterError, max_depth_by_ring
+from he_service.engine.plan import Plan
+from he_service.engine.poly import (
+    MAX_POLY_DEGREE,
     CubicStep,
-    InputStep,
-    Plan,
     PolyStep,
     QuarticStep,
     SquareStep,
@@ -18,7 +22,7 @@ from he_service.engine.reference import forward_plain
 
 __all__ = [
     "DEFAULT_KEY_BUDGET_BYTES",
-    "AffineStep",
+    "MAX_POLY_DEGREE",
     "BatchEvaluator",
     "BatchPlan",
     "CompileError",
@@ -26,16 +30,16 @@ __all__ = [
     "CubicStep",
     "EncryptedEvaluator",
     "EvaluationError",
-    "InputStep",
     "ParameterError",
     "Plan",
     "PolyStep",
     "QuarticStep",
     "SquareStep",
     "Timings",
-    "choose_params",
     "compile_batch_plan",
     "compile_model",
     "compile_plan",
     "forward_plain",
+    "key_budget_of",
+    "max_depth_by_ring",
 ]

@@ -6,14 +6,10 @@ from dataclasses import dataclass
 
 from he_service.artifacts import ModelArtifact
 from he_service.engine.batch import BatchPlan, compile_batch_plan
-from he_service.engine.compiler import CompileError, compile_plan
+from he_service.engine.compiler import CompileError, compile_plan, key_budget_of
 from he_service.engine.plan import Plan
 
-__all__ = ["DEFAULT_KEY_BUDGET_BYTES", "CompiledModel", "compile_model", "key_budget_of"]
-
-# Public evaluation keys a client makes and uploads for one plan, unless the artifact sets its
-# own budget (``he-models convert --key-budget``); below the service's 128 MiB upload limit.
-DEFAULT_KEY_BUDGET_BYTES = 96 << 20
+__all__ = ["CompiledModel", "compile_model"]
 
 
 @dataclass(frozen=True)
@@ -24,13 +20,6 @@ class CompiledModel:
     latency: Plan
     batch: BatchPlan
     key_budget_bytes: int
-
-
-def key_budget_of(artifact: ModelArtifact) -> int:
-    """Return the artifact's key budget in bytes (its manifest's, else the default)."""
-    serving = artifact.manifest.get("serving", {})
-    budget = serving.get("key_budget_bytes") if isinstance(serving, dict) else None
-    return int(budget) if isinstance(budget, int) and budget > 0 else DEFAULT_KEY_BUDGET_BYTES
 
 
 def compile_model(artifact: ModelArtifact) -> CompiledModel:
@@ -47,7 +36,7 @@ def compile_model(artifact: ModelArtifact) -> CompiledModel:
         ParameterError: the network is too deep or too wide for the largest ring.
     """
     budget = key_budget_of(artifact)
-    latency = compile_plan(artifact)
+    latency = compile_plan(artifact, key_budget_bytes=budget)
     batch = compile_batch_plan(artifact)
     for kind, plan in (("latency", latency), ("batch", batch)):
         needed = plan.costs()["public_key_bytes"]

@@ -1,220 +1,132 @@
-"""A latency plan: CKKS parameters, slot layouts and the steps that run on one sample.
+"""A latency plan: CKKS parameters, keys, and the program that runs one sample.
 
-The client sends ``input_ciphertexts`` ciphertexts per sample, laid out by the card's input
-encoding. An :class:`InputStep` turns them into one ciphertext; then affine steps and polynomial
-steps alternate. A plan can be simulated on plain slot vectors with ``numpy.roll`` in place of
-rotations, which is how the compiler is tested without encryption.
+The program follows the normalised graph (``graph.py``): a ``LinearStep`` per linear node
+(each term a ``TermPlan`` from ``methods.py``: window sums, a product, window sums, plus the
+bias) and a ``PolyApply`` per polynomial node. Every value has a layout (``layout.py``).
 
-Levels ("lazy rescaling"): an affine step followed by an activation does not rescale; the
-activation's first rescale drops one prime of about ``scale * weight_scale^2`` that pays for
-both. Only the last affine step ends on its own, in the last prime. So a network of ``k``
-square activations needs ``k`` primes plus the last one, not ``2k + 1``.
+The client sends ``input_ciphertexts`` ciphertexts per sample laid out by the card's index
+table (the input layout, or the gathered first map's). A plan can be simulated on plain slot
+vectors with ``numpy.roll`` in place of rotations, which is how the compiler is tested without
+encryption and how its noise is estimated.
+
+Levels ("lazy rescaling"): a linear step does not rescale; the activation after it drops one
+prime of about ``scale * weight_scale^2`` that pays for both. Only the output step ends on its
+own, in the last prime. A linear step whose terms come from different depths (a residual
+join) first brings the shallower ones down to the deepest one's level.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from he_service.engine.keys import KeyPlan
+from he_service.engine.layout import Layout
+from he_service.engine.methods import GatherInput, TermPlan
+from he_service.engine.poly import CubicStep, PolyStep, QuarticStep, SquareStep
+from he_service.engine.schedule import NumpyBackend, Rotation
 from he_service.protocol.params import CkksParams
 
 __all__ = [
-    "AffineStep",
     "CubicStep",
-    "InputStep",
+    "LinearStep",
     "Plan",
+    "PolyApply",
     "PolyStep",
     "QuarticStep",
     "SquareStep",
-    "rotate",
 ]
 
 
-def rotate(vector: np.ndarray, step: int) -> np.ndarray:
-    """Rotate slots left like SEAL's ``rotate_vector``: ``out[j] = v[(j + step) % n]``."""
-    return np.roll(vector, -step)
+@dataclass(frozen=True, eq=False)
+class LinearStep:
+    """``y = sum of terms + bias`` for one linear node, produced in layout ``out``."""
 
-
-def _fold(x: np.ndarray, steps: tuple[int, ...]) -> np.ndarray:
-    for step in steps:
-        x = x + rotate(x, step)
-    return x
-
-
-@dataclass(frozen=True)
-class InputStep:
-    """``y = fold(sum_k plaintexts[k] * input[k]) + bias``: the first affine map.
-
-    The client has already gathered, into every slot, the input value that slot's weight
-    multiplies, so the map costs no rotation but the fold that sums each output's terms.
-    """
-
-    plaintexts: tuple[np.ndarray, ...]
-    bias: np.ndarray
-    fold_steps: tuple[int, ...]
+    node: int
+    terms: tuple[TermPlan, ...]
+    bias: np.ndarray  # a slot vector: the bias at the output's slots, zero elsewhere
+    out: Layout
+    level: int  # primes consumed before it runs
     description: str
 
-    def rotation_steps(self) -> set[int]:
-        return set(self.fold_steps)
-
-    def rotation_count(self) -> int:
-        return len(self.fold_steps)
-
-    def simulate(self, inputs: list[np.ndarray]) -> np.ndarray:
-        total = np.zeros_like(self.bias)
-        for plaintext, x in zip(self.plaintexts, inputs, strict=True):
-            total = total + plaintext * x
-        return _fold(total, self.fold_steps) + self.bias
-
-
-@dataclass(frozen=True)
-class AffineStep:
-    """``y = fold(sum_t diag[t] * rot(x, stride * t)) + bias`` by baby-step giant-step.
-
-    ``terms`` maps ``(giant, baby)`` to a diagonal already rotated by ``-stride*giant*baby_count``
-    so the giant rotation can come after the plaintext products (one rotation per giant step).
-    """
-
-    stride: int
-    baby_count: int
-    terms: dict[tuple[int, int], np.ndarray]
-    bias: np.ndarray
-    fold_steps: tuple[int, ...]
-    description: str
+    def rotations(self) -> list[Rotation]:
+        return [r for term in self.terms for r in term.rotations()]
 
     @property
-    def baby_steps(self) -> list[int]:
-        return sorted({b for _, b in self.terms})
-
-    @property
-    def giant_steps(self) -> list[int]:
-        return sorted({g for g, _ in self.terms})
-
-    def _slots(self) -> int:
-        return next(iter(self.terms.values())).size
-
-    def rotation_steps(self) -> set[int]:
-        slots = self._slots()
-        steps = {(self.stride * b) % slots for b in self.baby_steps}
-        steps |= {(self.stride * self.baby_count * g) % slots for g in self.giant_steps}
-        return (steps | set(self.fold_steps)) - {0}
-
-    def rotation_count(self) -> int:
-        slots = self._slots()
-        babies = {(self.stride * b) % slots for b in self.baby_steps} - {0}
-        giants = [g for g in self.giant_steps if (self.stride * self.baby_count * g) % slots]
-        return len(babies) + len(giants) + len(self.fold_steps)
-
-    def simulate(self, x: np.ndarray) -> np.ndarray:
-        babies = {b: rotate(x, self.stride * b) for b in self.baby_steps}
-        total = np.zeros_like(x)
-        for giant in self.giant_steps:
-            inner = sum(
-                (diag * babies[b] for (g, b), diag in self.terms.items() if g == giant),
-                np.zeros_like(x),
-            )
-            total += rotate(inner, self.stride * self.baby_count * giant)
-        return _fold(total, self.fold_steps) + self.bias
+    def products(self) -> int:
+        return sum(term.products for term in self.terms)
 
 
-@dataclass(frozen=True)
-class SquareStep:
-    """``y = x * x`` on every slot (polynomial coefficients are folded into neighbours)."""
+@dataclass(frozen=True, eq=False)
+class PolyApply:
+    """A polynomial activation of node ``source``'s value, slot-wise."""
 
-    description: str = "x^2"
-    primes: int = 1
-
-    def simulate(self, x: np.ndarray) -> np.ndarray:
-        return x * x
-
-
-@dataclass(frozen=True)
-class CubicStep:
-    """``y = x^2 (c3 x + c2) + c1 x``: a cubic (its constant folded into the next map).
-
-    Not depressed like the quartic: a fitted ReLU has a tiny x^3 coefficient, and shifting x by
-    c2 / (3 c3) would evaluate huge terms that cancel, losing most of the precision.
-    """
-
-    c1: float
-    c2: float
-    c3: float
-    description: str = "x^2 (c3 x + c2) + c1 x"
-    primes: int = 2
-
-    def simulate(self, x: np.ndarray) -> np.ndarray:
-        return x * x * (self.c3 * x + self.c2) + self.c1 * x
+    node: int
+    source: int
+    step: PolyStep
+    level: int
 
 
-@dataclass(frozen=True)
-class QuarticStep:
-    """``y = (x^2 + k)^2 + m x``: every monic quartic after a shift of x, in two levels."""
-
-    k: float
-    m: float
-    description: str = "(x^2 + k)^2 + m x"
-    primes: int = 2
-
-    def simulate(self, x: np.ndarray) -> np.ndarray:
-        return (x * x + self.k) ** 2 + self.m * x
+Step = LinearStep | PolyApply
 
 
-PolyStep = SquareStep | CubicStep | QuarticStep
-Step = InputStep | AffineStep | PolyStep
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Plan:
-    """A compiled model: what the client must send and what the server will do.
-
-    ``steps`` is an :class:`InputStep`, then polynomial and affine steps alternating, ending with
-    an affine step. ``weight_bits`` is the scale of the weights of an affine step that is followed
-    by an activation, ``last_weight_bits`` that of the last affine step.
-    """
+    """A compiled model: parameters, keys, the client's layout and the program."""
 
     params: CkksParams
     params_reason: dict[str, Any]
     steps: tuple[Step, ...]
+    input_index: np.ndarray  # (ciphertexts, period): input element per slot, -1 for zero
+    input_length: int
+    output_length: int
+    output_period: int
+    keys: KeyPlan
     weight_bits: int
     last_weight_bits: int
-    input_encoding: dict[str, Any]
-    output_decoding: dict[str, Any]
+    estimates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def input_ciphertexts(self) -> int:
-        return int(self.input_encoding["ciphertexts"])
+        return int(self.input_index.shape[0])
+
+    @property
+    def input_encoding(self) -> dict[str, Any]:
+        return {
+            "kind": "gather",
+            "slot_count": self.params.slot_count,
+            "ciphertexts": self.input_ciphertexts,
+            "period": int(self.input_index.shape[1]),
+            "length": self.input_length,
+            "index": self.input_index.tolist(),
+        }
+
+    @property
+    def output_decoding(self) -> dict[str, Any]:
+        return {"kind": "prefix", "length": self.output_length, "period": self.output_period}
 
     @property
     def galois_steps(self) -> tuple[int, ...]:
-        steps: set[int] = set()
-        for step in self.steps:
-            if isinstance(step, InputStep | AffineStep):
-                steps |= step.rotation_steps()
-        return tuple(sorted(steps))
+        return self.keys.steps
+
+    def linear_steps(self) -> list[LinearStep]:
+        return [s for s in self.steps if isinstance(s, LinearStep)]
 
     def rotation_count(self) -> int:
-        return sum(s.rotation_count() for s in self.steps if isinstance(s, InputStep | AffineStep))
+        """Return the rotations one evaluation performs, counting composed steps' hops."""
+        return sum(len(self.keys.hops(r.step)) for s in self.linear_steps() for r in s.rotations())
 
     @property
     def depth(self) -> int:
-        """Return the number of rescales (primes dropped) the plan performs."""
-        return sum(s.primes for s in self.steps if not isinstance(s, InputStep | AffineStep))
-
-    def simulate(self, inputs: list[np.ndarray]) -> np.ndarray:
-        """Run the plan on plain slots (no encryption, no noise)."""
-        first = self.steps[0]
-        assert isinstance(first, InputStep)
-        value = first.simulate([np.asarray(x, dtype=np.float64) for x in inputs])
-        for step in self.steps[1:]:
-            assert not isinstance(step, InputStep)
-            value = step.simulate(value)
-        return value
+        """Return the primes the deepest path drops."""
+        last = self.steps[-1]
+        assert isinstance(last, LinearStep)
+        return last.level
 
     @property
     def output_primes(self) -> int:
-        """Return the primes left in the response ciphertext."""
         return self.params.data_primes - self.depth
 
     def costs(self) -> dict[str, int]:
@@ -226,15 +138,53 @@ class Plan:
             "response_bytes_per_sample": self.params.ciphertext_bytes(self.output_primes),
         }
 
+    def simulate(self, inputs: list[np.ndarray]) -> np.ndarray:
+        """Run the plan on plain slot vectors (no encryption, no noise)."""
+        values: dict[int, np.ndarray] = {}
+        raw = [np.asarray(x, dtype=np.float64) for x in inputs]
+        values[0] = raw[0]
+        for step in self.steps:
+            if isinstance(step, PolyApply):
+                values[step.node] = step.step.simulate(values[step.source])
+                continue
+            total = step.bias.copy()
+            for term in step.terms:
+                total = total + simulate_term(
+                    term, raw if term.source == 0 else [values[term.source]]
+                )
+            values[step.node] = total
+        last = self.steps[-1]
+        return values[last.node]
+
     def summary(self) -> dict[str, Any]:
+        relins = sum(
+            1 for s in self.steps if isinstance(s, PolyApply) for _ in range(s.step.primes)
+        )
         return {
             **self.costs(),
+            **self.estimates,
             "depth": self.depth,
             "input_ciphertexts": self.input_ciphertexts,
             "rotations": self.rotation_count(),
             "galois_keys": len(self.galois_steps),
-            # Every activation prime is one ciphertext product, hence one relinearization.
-            "relinearizations": self.depth,
-            "steps": [s.description for s in self.steps],
+            "relinearizations": relins,
+            "steps": [
+                s.description if isinstance(s, LinearStep) else s.step.description
+                for s in self.steps
+            ],
             "parameters": self.params_reason,
         }
+
+
+def simulate_term(term: TermPlan, inputs: list[np.ndarray]) -> np.ndarray:
+    """Run one term on plain slot vectors."""
+    if isinstance(term.product, GatherInput):
+        value = term.product.simulate(inputs)
+    else:
+        value = inputs[0]
+        for window in term.pre:
+            value = window.simulate(value)
+        value = term.product.run(value, NumpyBackend(term.product.plaintexts()))
+    for window in term.post:
+        value = window.simulate(value)
+    return value

@@ -107,12 +107,19 @@ def test_manifest_records_the_measurements(
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_server_compiles_it_at_n_8192(
+def test_server_compiles_it_in_the_smallest_ring_for_its_depth(
     name: str, artifacts: dict[str, ModelArtifact], manifests: dict[str, dict[str, Any]]
 ) -> None:
     plan = compile_plan(artifacts[name])
-    assert plan.params.poly_modulus_degree == 8192
-    assert plan.params_reason["depth"] == manifests[name]["conversion"]["depth"]
+    depth = manifests[name]["conversion"]["depth"]
+    # Two levels fit N=8192; LeNet-5's four need N=16384 (218 bits cannot hold five primes).
+    assert plan.params.poly_modulus_degree == (8192 if depth <= 2 else 16384)
+    assert plan.params_reason["depth"] == depth
+    costs = plan.costs()
+    assert costs["public_key_bytes"] <= artifacts[name].manifest.get("serving", {}).get(
+        "key_budget_bytes", 96 << 20
+    )
+    assert costs["request_bytes_per_sample"] <= 1 << 20  # one sample, at most 1 MiB
 
 
 @pytest.mark.parametrize("name", NAMES)

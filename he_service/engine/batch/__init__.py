@@ -24,14 +24,28 @@ Why it is fast (mnist-cnn, 4096 images: 1.05-1.3 s on 2 cores, about 0.3 ms per 
   affine map works on those, so only its (fewer) outputs are relinearized (mnist-cnn: 64 + 10
   instead of 256 + 64), between their rescales.
 
+The plan follows the normalised graph (``graph.py``), residual joins included: an affine layer
+is a sum of terms, each reading an earlier value (the request or an activation). A join runs
+at its deepest term's level; shallower terms come down by modulus switches (free on SEAL
+memory: the products read fewer limbs) or, when their scale is far above the others', by
+rescales; every term's integer products land on one scale thanks to its own weight scale and
+an exact power-of-two shift. ``parameters`` explains the schedule. A straight chain never
+aligns or shifts: its parameters and results are those of the chain-only plan.
+
 The affine maps read and write SEAL's ciphertext memory through numpy views (``raw.raw_view``);
 the layout is checked against SEAL's own serialization once per process and against each
 ciphertext's metadata on every view. If that check fails the evaluator uses SEAL calls.
 
+Memory: a group holds one ciphertext per unit of a layer, and SEAL's memory pool never gives
+memory back. A layer too large to hold with its activation (LeNet-5's first convolution at
+N=16384: 13.6 GB) is streamed in chunks through its activation into its one reader
+(``stream``): a LeNet-5-sized group peaks at 6.9 GB instead of more than 19 GB.
+
 Modules: ``plan`` (what a plan is), ``compiler`` and ``parameters`` (artifact to plan: integer
-weights, CKKS parameters), ``evaluator`` (the plan on ciphertexts) with ``affine`` (its two
-backends), ``products`` (exact modular matrix products), ``raw`` (SEAL memory) and
-``activation``; ``errors``.
+weights, CKKS parameters, levels and scales of joins), ``evaluator`` (the plan on ciphertexts;
+each value is freed after its last reader) with ``affine`` (its two backends), ``products``
+(exact modular matrix products and shifts), ``stream`` (chunked layers), ``raw`` (SEAL
+memory) and ``activation``; ``errors``.
 """
 
 from he_service.engine.batch.compiler import compile_batch_plan

@@ -9,7 +9,7 @@ import tenseal.sealapi as seal
 from he_service.engine.batch.errors import BatchEvaluationError
 from he_service.engine.batch.plan import BatchPoly
 
-__all__ = ["PolyRun", "evaluate_activation", "prepare_activation"]
+__all__ = ["PolyRun", "activation_scale", "evaluate_activation", "prepare_activation"]
 
 
 @dataclass
@@ -23,14 +23,24 @@ class PolyRun:
     constant: seal.Plaintext | None
 
 
+def _powers(scale: float) -> list[float]:
+    """Return the scales of x^0 .. x^4 as SEAL's products compute them (x^4 = (x^2)^2)."""
+    powers = [1.0, scale, scale * scale]
+    return [*powers, powers[2] * scale, powers[2] * powers[2]]
+
+
+def activation_scale(poly: BatchPoly, scale: float) -> float:
+    """Return the exact scale of an activation's output whose input has this scale."""
+    return _powers(scale)[poly.degree] / abs(poly.coeffs[-1])
+
+
 def prepare_activation(
     poly: BatchPoly, scale: float, parms_id: list[int], encoder: seal.CKKSEncoder
 ) -> PolyRun:
     """Encode an activation's lower coefficients for inputs at this scale and level."""
-    powers = [1.0, scale, scale * scale]
-    powers += [powers[2] * scale, powers[2] * powers[2]]
+    powers = _powers(scale)
     lead = poly.coeffs[-1]
-    output = powers[poly.degree] / abs(lead)
+    output = activation_scale(poly, scale)
     terms = {
         i: _scalar(encoder, c, parms_id, output / powers[i])
         for i, c in enumerate(poly.coeffs[:-1])
@@ -53,11 +63,20 @@ def evaluate_activation(
     vector: list[seal.Ciphertext],
     run: PolyRun,
     relin_keys: seal.RelinKeys,
+    *,
+    consume: bool = False,
 ) -> list[seal.Ciphertext]:
-    """Apply the activation to every ciphertext; a square is left unrelinearized (size 3)."""
+    """Apply the activation to every ciphertext; a square is left unrelinearized (size 3).
+
+    With ``consume``, each input is released from ``vector`` as soon as its output exists,
+    so that memory holds one layer and a ciphertext, not two layers.
+    """
     degree = run.poly.degree
     out: list[seal.Ciphertext] = []
-    for x in vector:
+    for index in range(len(vector)):
+        x = vector[index]
+        if consume:
+            vector[index] = None
         square = seal.Ciphertext()
         evaluator.square(x, square)
         powers = {1: x, 2: square}

@@ -1,17 +1,41 @@
-"""Compile an artifact into a batch plan: activations as polynomials, weights as integers."""
+"""Compile an artifact into a batch plan: activations as polynomials, weights as integers.
+
+The normalised graph (``graph.py``) becomes the exact network (``FloatLinear`` and
+``FloatPoly`` steps, residual joins included), ``parameters`` plans its levels, scales and
+primes, and each term's weights are rounded to integers at its exact weight scale. Units that
+are constant or unused once rounded are pruned.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from he_service.artifacts import ModelArtifact
-from he_service.engine.batch.parameters import choose_parameters
-from he_service.engine.batch.plan import BatchAffine, BatchLayer, BatchPlan, BatchPoly, FloatAffine
-from he_service.engine.compiler import CompileError, normalise
-from he_service.engine.plan import CubicStep, PolyStep, QuarticStep, SquareStep
+from he_service.engine.batch.parameters import ParameterChoice, choose_parameters
+from he_service.engine.batch.plan import (
+    INPUT,
+    BatchAffine,
+    BatchLayer,
+    BatchPlan,
+    BatchPoly,
+    BatchTerm,
+    FloatLinear,
+    FloatPoly,
+    FloatStep,
+)
+from he_service.engine.graph import (
+    CompileError,
+    Graph,
+    InputNode,
+    LinearNode,
+    PolyNode,
+    build_graph,
+)
+from he_service.engine.poly import CubicStep, PolyStep, QuarticStep, SquareStep
 
 __all__ = ["compile_batch_plan"]
 
@@ -37,29 +61,63 @@ def compile_batch_plan(
     Raises:
         CompileError: an unsupported layer, or a network too deep for 128-bit parameters.
     """
-    ops = normalise(artifact)
-    affines: list[FloatAffine] = []
-    polys: list[PolyStep] = []
-    for index, op in enumerate(ops):
-        is_affine = isinstance(op, FloatAffine)
-        if is_affine != (index % 2 == 0):
-            raise CompileError("the batch plan needs affine maps and activations to alternate")
-        if is_affine:
-            affines.append(op)  # type: ignore[arg-type]
-        else:
-            polys.append(op)  # type: ignore[arg-type]
-    activations = [_poly_of(step) for step in polys]
-    choice = choose_parameters(affines, activations, poly_modulus_degree, candidates)
-    layers = _integer_layers(affines, activations, choice.weight_scales, choice.rescales)
-    steps: tuple[FloatAffine | PolyStep, ...] = tuple(ops)
+    graph = build_graph(artifact)
+    steps = _network(graph)
+    polys = {
+        index: replace(_poly_of(step.step), source=step.source)
+        for index, step in enumerate(steps)
+        if isinstance(step, FloatPoly)
+    }
+    choice = choose_parameters(steps, polys, poly_modulus_degree, candidates)
+    layers = _integer_layers(steps, polys, choice)
+    last = steps[-1]
+    assert isinstance(last, FloatLinear)
     return BatchPlan(
         params=choice.params,
         params_reason=choice.reason,
         steps=steps,
         layers=layers,
         input_length=int(math.prod(artifact.input_shape)),
-        output_length=int(affines[-1].matrix.shape[0]),
+        output_length=int(last.bias.shape[0]),
     )
+
+
+def _network(graph: Graph) -> tuple[FloatStep, ...]:
+    """Return the graph's nodes as dense steps; node ``i`` becomes step ``i - 1``.
+
+    Raises:
+        CompileError: a graph shape the batch plan does not evaluate (the graph builder
+            never makes one: an activation reading anything but the map right before it, a
+            map reading another map, or an output that is not a map).
+    """
+
+    def source_of(node: int) -> int:
+        return INPUT if node == 0 else node - 1
+
+    steps: list[FloatStep] = []
+    readers: dict[int, int] = {}
+    for number, node in enumerate(graph.nodes):
+        if isinstance(node, InputNode):
+            if number:
+                raise CompileError("the batch plan takes one input tensor")
+            continue
+        if isinstance(node, PolyNode):
+            if not isinstance(graph.nodes[node.source], LinearNode):
+                raise CompileError("the batch plan applies an activation only to an affine map")
+            readers[node.source] = readers.get(node.source, 0) + 1
+            steps.append(FloatPoly(source_of(node.source), node.step))
+            continue
+        terms = []
+        for term in node.terms:
+            if isinstance(graph.nodes[term.source], LinearNode):
+                raise CompileError("the batch plan does not read an affine map's value twice")
+            terms.append((source_of(term.source), np.asarray(term.chain.matrix(), np.float64)))
+        steps.append(FloatLinear(tuple(terms), np.asarray(node.bias, dtype=np.float64)))
+    if not steps or not isinstance(steps[-1], FloatLinear):
+        raise CompileError("the network must end with an affine map")
+    if any(count > 1 for count in readers.values()):
+        raise CompileError("the batch plan applies one activation per affine map")
+    return tuple(steps)
 
 
 def _poly_of(step: PolyStep) -> BatchPoly:
@@ -108,65 +166,120 @@ def _known_coefficients(step: PolyStep) -> tuple[float, ...] | None:
 
 
 def _integer_layers(
-    affines: Sequence[FloatAffine],
-    polys: Sequence[BatchPoly],
-    scales: Sequence[float],
-    rescales: Sequence[int],
+    steps: Sequence[FloatStep], polys: Mapping[int, BatchPoly], choice: ParameterChoice
 ) -> tuple[BatchLayer, ...]:
     """Round weights to integers, then prune units that are constant or unused.
 
-    A hidden unit whose integer weights are all zero is a constant: its activation value goes
-    into the next bias. A unit that no next-layer weight reads is dropped. Both repeat until
-    nothing changes, so no ciphertext is ever computed for nothing (and SEAL never sees an
-    all-zero, "transparent", ciphertext).
+    A hidden unit whose integer weights are all zero (in every term) is a constant: its
+    activation value goes into the bias of every layer that reads it. A unit that no reader's
+    weight reads is dropped. Both repeat until nothing changes, so no ciphertext is ever
+    computed for nothing (and SEAL never sees an all-zero, "transparent", ciphertext).
     """
-    weights = [np.round(a.matrix * s) for a, s in zip(affines, scales, strict=True)]
-    biases = [np.asarray(a.bias, dtype=np.float64).copy() for a in affines]
-    inputs = np.arange(weights[0].shape[1])
-    last = len(weights) - 1
+    final = len(steps) - 1
+    weights: dict[int, list[np.ndarray]] = {}
+    divisors: dict[int, list[float]] = {}
+    biases: dict[int, np.ndarray] = {}
+    readers: dict[int, list[tuple[int, int]]] = {INPUT: []}
+    for index, step in enumerate(steps):
+        readers[index] = []
+        if isinstance(step, FloatPoly):
+            continue
+        scales = choice.term_scales[index]
+        weights[index] = [
+            np.round(matrix * t.weight_scale)
+            for (_, matrix), t in zip(step.terms, scales, strict=True)
+        ]
+        divisors[index] = [t.weight_scale for t in scales]
+        biases[index] = np.asarray(step.bias, dtype=np.float64).copy()
+        for t, (source, _) in enumerate(step.terms):
+            readers[source].append((index, t))
+    alive = {index: np.ones(biases[index].shape[0], dtype=bool) for index in weights}
     changed = True
     while changed:
         changed = False
-        for k in range(last):
-            nxt = weights[k + 1]
-            constant = ~np.any(weights[k] != 0, axis=1)
+        for index, poly in polys.items():
+            source = poly.source
+            live = alive[source]
+            weighted = np.zeros(live.shape, dtype=bool)
+            for w in weights[source]:
+                weighted |= np.any(w != 0, axis=1)
+            constant = live & ~weighted
             if np.any(constant):
-                values = polys[k].simulate(biases[k][constant])
-                biases[k + 1] = biases[k + 1] + (nxt[:, constant] / scales[k + 1]) @ values
-            keep = ~constant & np.any(nxt != 0, axis=0)
-            if not np.all(keep):
-                weights[k], biases[k], weights[k + 1] = (
-                    weights[k][keep],
-                    biases[k][keep],
-                    nxt[:, keep],
-                )
+                values = poly.simulate(biases[source][constant])
+                for layer, t in readers[index]:
+                    w = weights[layer][t]
+                    biases[layer] = biases[layer] + (w[:, constant] / divisors[layer][t]) @ values
+                    w[:, constant] = 0.0
+                live[constant] = False
                 changed = True
-        used = np.any(weights[0] != 0, axis=0)
-        if not np.all(used):
-            weights[0], inputs = weights[0][:, used], inputs[used]
-            changed = True
-    if not np.any(weights[last] != 0):
+            read = np.zeros(live.shape, dtype=bool)
+            for layer, t in readers[index]:
+                read |= np.any(weights[layer][t] != 0, axis=0)
+            unused = live & ~read
+            if np.any(unused):
+                live[unused] = False
+                for w in weights[source]:
+                    w[unused, :] = 0.0
+                changed = True
+    if not any(np.any(w != 0) for w in weights[final]):
         raise CompileError(
             "every output of the network is a constant once weights are rounded: the model "
             "does not depend on its input"
         )
+    alive[final][:] = True  # constant outputs stay: the evaluator writes their value
+    position = {index: np.cumsum(alive[poly.source]) - 1 for index, poly in polys.items()}
     layers: list[BatchLayer] = []
-    for k, w in enumerate(weights):
-        constant = int(np.count_nonzero(~np.any(w != 0, axis=1)))
+    for index, step in enumerate(steps):
+        if isinstance(step, FloatPoly):
+            layers.append(polys[index])
+            continue
+        rows = np.flatnonzero(alive[index])
+        plan = choice.schedule[index]
+        terms = []
+        for t, (source, _) in enumerate(step.terms):
+            w = weights[index][t][rows]
+            columns = np.flatnonzero(np.any(w != 0, axis=0))
+            if not columns.size:
+                continue  # every weight of this term rounds to zero (or reads pruned units)
+            scale = choice.term_scales[index][t]
+            inputs = columns if source == INPUT else position[source][columns]
+            terms.append(
+                BatchTerm(
+                    source=source,
+                    inputs=tuple(int(i) for i in inputs),
+                    weights=np.ascontiguousarray(w[:, columns]),
+                    weight_scale=scale.weight_scale,
+                    shift=scale.shift,
+                    align=plan.align[t],
+                    source_scale=scale.source_scale,
+                )
+            )
         layers.append(
             BatchAffine(
-                weights=w,
-                weight_scale=scales[k],
-                bias=biases[k],
-                inputs=tuple(int(i) for i in (inputs if k == 0 else range(w.shape[1]))),
-                rescales=rescales[k],
-                description=(
-                    f"affine {w.shape[1]}->{w.shape[0]} ({np.count_nonzero(w)} integer weights"
-                    + (f", {constant} constant outputs" if constant else "")
-                    + f"), {rescales[k]} rescale(s)"
-                ),
+                terms=tuple(terms),
+                bias=biases[index][rows],
+                level=plan.level,
+                scale=choice.product_scales[index],
+                rescales=plan.drops,
+                description=_describe(terms, rows.size, plan.drops),
             )
         )
-        if k < last:
-            layers.append(polys[k])
     return tuple(layers)
+
+
+def _describe(terms: list[BatchTerm], rows: int, rescales: int) -> str:
+    weights = sum(t.scalar_multiplications for t in terms)
+    live = np.zeros(rows, dtype=bool)
+    for t in terms:
+        live |= np.any(t.weights != 0, axis=1)
+    constant = int(np.count_nonzero(~live))
+    columns = "+".join(str(len(t.inputs)) for t in terms) or "0"
+    join = ""
+    if len(terms) > 1:
+        sources = ", ".join("input" if t.source == INPUT else f"layer {t.source}" for t in terms)
+        join = f"residual join of {sources}; "
+    return (
+        f"affine {columns}->{rows} ({join}{weights} integer weights"
+        + (f", {constant} constant outputs" if constant else "")
+        + f"), {rescales} rescale(s)"
+    )

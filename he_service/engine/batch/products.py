@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from he_service.engine.compiler import CompileError
+from he_service.engine.graph import CompileError
 
 __all__ = [
     "MAX_CHUNK_BITS",
@@ -21,6 +21,7 @@ __all__ = [
     "combine_chunks",
     "largest_row_sum",
     "reduce_mod",
+    "shift_mod",
     "split_chunks",
     "tile_products",
     "tiles_for",
@@ -165,3 +166,25 @@ def reduce_mod(values: np.ndarray, q: int, spare: np.ndarray, out: np.ndarray) -
     np.floor_divide(values, q, out=spare)
     spare *= q
     np.subtract(values, spare, out=out)
+
+
+def shift_mod(values: np.ndarray, shift: int, q: int, spare: np.ndarray) -> None:
+    """Set ``values`` (int64 in [0, q)) to ``values * 2^shift mod q``, in place.
+
+    Exact modular arithmetic in steps of at most ``b`` bits, where ``q = 2^b - delta``:
+    ``y 2^s = (y >> (b - s)) delta + ((y mod 2^(b - s)) << s)  (mod q)``, each step below
+    2^62 as long as ``delta`` has at most ``61 - s`` bits (SEAL's primes sit just below a
+    power of two).
+    """
+    width = q.bit_length()
+    delta = (1 << width) - q
+    largest = max(1, min(width, 61 - delta.bit_length()))
+    while shift > 0:
+        step = min(shift, largest)
+        np.right_shift(values, width - step, out=spare)
+        spare *= delta
+        values &= (1 << (width - step)) - 1
+        values <<= step
+        values += spare
+        reduce_mod(values, q, spare, out=values)
+        shift -= step

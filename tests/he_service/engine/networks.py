@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from he_service.artifacts import Conv2d, Flatten, Layer, Linear, ModelArtifact, Poly
+from he_service.artifacts import Add, Conv2d, Flatten, Layer, Linear, ModelArtifact, Poly
 
 
 def make_artifact(layers: list[Layer], input_shape: tuple[int, ...]) -> ModelArtifact:
@@ -67,6 +67,56 @@ def random_network(rng: np.random.Generator) -> tuple[ModelArtifact, np.ndarray]
     outputs = int(rng.integers(2, 11))
     weight = rng.normal(size=(outputs, width)) / np.sqrt(width)
     layers.append(Linear(weight, rng.normal(size=outputs) * 0.1))
+    return make_artifact(layers, shape), rng.normal(size=shape)
+
+
+def random_residual_network(rng: np.random.Generator) -> tuple[ModelArtifact, np.ndarray]:
+    """Return a random network with residual blocks (identity or projected skips), and an input.
+
+    Convolutional blocks keep the shape (padding), vector blocks keep the width; blocks may
+    nest, end with or without an activation, and pooling may sit inside a branch.
+    """
+
+    def poly() -> Poly:
+        return Poly((rng.normal() * 0.1, rng.normal() * 0.5, 0.2 + abs(rng.normal()) * 0.2))
+
+    def conv(channels_in: int, channels_out: int, k: int) -> Conv2d:
+        weight = rng.normal(size=(channels_out, channels_in, k, k)) / (k * np.sqrt(channels_in))
+        return Conv2d(weight, rng.normal(size=channels_out) * 0.1, (1, 1), (k // 2, k // 2))
+
+    def block(channels: int, depth: int) -> Add:
+        inner: list[Layer] = [conv(channels, channels, 3), poly(), conv(channels, channels, 3)]
+        if depth < 1 and rng.random() < 0.4:
+            inner = [block(channels, depth + 1), poly(), conv(channels, channels, 1)]
+        skip: list[Layer] = [] if rng.random() < 0.6 else [conv(channels, channels, 1)]
+        return Add((skip, tuple(inner)) if rng.random() < 0.5 else (tuple(inner), skip))
+
+    layers: list[Layer] = []
+    if rng.random() < 0.6:
+        channels, size = int(rng.integers(1, 4)), int(rng.integers(4, 9))
+        shape: tuple[int, ...] = (channels, size, size)
+        layers += [conv(channels, channels + 1, 3), poly()]
+        channels += 1
+        for _ in range(int(rng.integers(1, 3))):
+            layers.append(block(channels, 0))
+            if rng.random() < 0.5:
+                layers.append(poly())
+        layers.append(Flatten())
+        width = channels * size * size
+    else:
+        width = int(rng.integers(3, 20))
+        shape = (width,)
+        for _ in range(int(rng.integers(1, 3))):
+            inner: tuple[Layer, ...] = (
+                Linear(
+                    rng.normal(size=(width, width)) / np.sqrt(width), rng.normal(size=width) * 0.1
+                ),
+                poly(),
+                Linear(rng.normal(size=(width, width)) / np.sqrt(width), np.zeros(width)),
+            )
+            layers += [Add(((), inner)), poly()]
+    outputs = int(rng.integers(2, 8))
+    layers.append(Linear(rng.normal(size=(outputs, width)) / np.sqrt(width), np.zeros(outputs)))
     return make_artifact(layers, shape), rng.normal(size=shape)
 
 
