@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -23,6 +26,7 @@ from he_service.errors import (
     ContextNotFound,
     InternalError,
     MethodNotAllowed,
+    NotReady,
     PayloadTooLarge,
     RouteNotFound,
     ServiceError,
@@ -44,6 +48,9 @@ __all__ = ["create_app"]
 log = logging.getLogger(__name__)
 _CONTEXT_ID = re.compile(r"^[0-9a-f]{64}$")
 _READ_CHUNK = 1 << 20
+# Routes that read only this process's memory: they are served while a shared store is down.
+_STORELESS = frozenset({"list_models", "model_card", "openapi"})
+T = TypeVar("T")
 
 
 def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
@@ -64,10 +71,11 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
         config = Config.load(config)
     registry = ModelRegistry.from_directory(config.models_dir, config)
     tokens = TokenTable.parse(config.api_tokens)
+    store = KeyStore.from_config(config, accepts=registry.accepts)
     service = _Service(
         config=config,
         registry=registry,
-        store=KeyStore.from_config(config, accepts=registry.accepts),
+        store=store,
         uploads=Uploads.from_config(config),
         tokens=tokens,
         # Quotas are per token: the tokenless quick start has no principal to charge.
@@ -77,6 +85,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
             else None
         ),
         metrics=Metrics(),
+        contexts_count=_Bounded(store.stats),
     )
     service.metrics.key_store_stats = service.store.stats
     app = Flask(__name__)
@@ -100,6 +109,44 @@ class _Service:
     tokens: TokenTable
     quotas: Quotas | None  # None when API tokens are off
     metrics: Metrics
+    contexts_count: _Bounded[tuple[int, int]]
+
+
+class _Bounded(Generic[T]):
+    """Call ``fetch`` (in one helper thread) but wait for it at most ``wait`` seconds.
+
+    Health must answer at once even while the key store (Redis, a disk) hangs: it gets the
+    last value fetched and ``False`` then, and the next call waits for the same fetch.
+    """
+
+    def __init__(self, fetch: Callable[[], T], wait: float = 0.2) -> None:
+        self._fetch, self._wait = fetch, wait
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None  # made after a fork, on first use
+        self._pending: Future[T] | None = None
+        self.last: T | None = None
+
+    def get(self) -> tuple[T | None, bool]:
+        """Return ``(value, True)``, or ``(last value, False)`` if late or failing."""
+        with self._lock:
+            if self._pending is None:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="he-health")
+                self._pending = self._executor.submit(self._fetch)
+            pending = self._pending
+        try:
+            value = pending.result(timeout=self._wait)
+        except FutureTimeout:
+            return self.last, False
+        except Exception:  # the store's own error; health only reports it
+            value = None
+        with self._lock:
+            if self._pending is pending:
+                self._pending = None
+        if value is None:
+            return self.last, False
+        self.last = value
+        return value, True
 
 
 def _service() -> _Service:
@@ -116,7 +163,11 @@ def _authenticate() -> None:
     principal = service.tokens.authenticate(request.headers.get("Authorization"))
     g.principal_name = principal.name
     if service.quotas is not None:
-        service.quotas.check_request(principal.name)
+        try:
+            service.quotas.check_request(principal.name)
+        except NotReady:
+            if request.endpoint not in _STORELESS:
+                raise
 
 
 def _owner() -> str:
@@ -199,13 +250,15 @@ def _upload_json(info: UploadInfo, plan: ServedPlan) -> dict[str, Any]:
 def _register_routes(app: Flask) -> None:
     @app.get("/v1/health")
     def health() -> Response:
-        registry, store = _service().registry, _service().store
+        registry = _service().registry
+        stats, reachable = _service().contexts_count.get()
         return jsonify(
-            status="degraded" if registry.refused else "ok",
+            status="degraded" if registry.refused or not reachable else "ok",
             version=__version__,
             models=registry.names(),
             refused=registry.refused,
-            contexts=len(store),
+            contexts=stats[0] if stats else 0,
+            storage="ok" if reachable else "unavailable",
         )
 
     @app.get("/v1/models")

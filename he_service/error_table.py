@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
 from he_service.engine import EvaluationError
 from he_service.errors import (
     BadRequest,
@@ -58,7 +60,9 @@ ERROR_TABLE: tuple[tuple[type[Exception], Callable[[Any], ServiceError]], ...] =
     (UploadTooLarge, lambda e: PayloadTooLarge("the upload", e.limit, "ciphertexts")),
     (TooManyUploads, lambda e: TooManyRequests(str(e), e.retry_after)),
     (StagingFull, lambda e: NotReady(str(e), e.retry_after)),
-    (StagingUnavailable, lambda e: NotReady(str(e))),
+    (StagingUnavailable, lambda e: NotReady(str(e), e.retry_after)),
+    # Whatever Redis error a backend did not translate: the store is unavailable, not a bug.
+    (redis.RedisError, lambda e: NotReady("a shared store (Redis) is unavailable; retry", 1)),
 )
 
 

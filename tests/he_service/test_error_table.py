@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import redis
 from flask import Flask
 
 from he_service import create_app
@@ -45,6 +46,9 @@ CASES: list[tuple[Exception, int, str, dict[str, object], str | None]] = [
     (TooManyUploads(4, 30), 429, "too_many_requests", {"retry_after": 30}, "30"),
     (StagingFull(1 << 30, 12), 503, "not_ready", {"retry_after": 12}, "12"),
     (StagingUnavailable("Redis is down"), 503, "not_ready", {}, None),
+    (StagingUnavailable("Redis is down", 2), 503, "not_ready", {"retry_after": 2}, "2"),
+    # Any Redis error a backend let through (its subclasses too): unavailable, never a 500.
+    (redis.RedisError("OOM command not allowed"), 503, "not_ready", {"retry_after": 1}, "1"),
 ]
 
 
