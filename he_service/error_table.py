@@ -22,6 +22,7 @@ from he_service.errors import (
     TooManyRequests,
     UnknownUpload,
 )
+from he_service.memory import MemoryBusy, MemoryLimitExceeded
 from he_service.protocol import ProtocolError
 from he_service.registry import ModelUnavailable
 from he_service.serving import KeysDoNotFit, TooManySamples
@@ -58,7 +59,22 @@ ERROR_TABLE: tuple[tuple[type[Exception], Callable[[Any], ServiceError]], ...] =
     (UploadTooLarge, lambda e: PayloadTooLarge("the upload", e.limit, "ciphertexts")),
     (TooManyUploads, lambda e: TooManyRequests(str(e), e.retry_after)),
     (StagingFull, lambda e: NotReady(str(e), e.retry_after)),
-    (StagingUnavailable, lambda e: NotReady(str(e))),
+    (StagingUnavailable, lambda e: NotReady(str(e), e.retry_after)),
+    (MemoryBusy, lambda e: NotReady(str(e), e.retry_after)),
+    (
+        MemoryLimitExceeded,
+        lambda e: PayloadTooLarge(
+            f"{e.what} (about {e.needed} bytes of memory)", e.limit, "bytes (memory_budget_bytes)"
+        ),
+    ),
+    # SEAL's std::bad_alloc arrives as MemoryError; the request's objects are gone by now.
+    (
+        MemoryError,
+        lambda e: NotReady(
+            "the server ran out of memory for this request; retry later or send fewer samples",
+            retry_after=5,
+        ),
+    ),
 )
 
 

@@ -12,6 +12,7 @@ from he_service import create_app
 from he_service.config import DEFAULT_MODELS_DIR
 from he_service.engine import EvaluationError
 from he_service.error_table import ERROR_TABLE, to_service_error
+from he_service.memory import MemoryBusy, MemoryLimitExceeded
 from he_service.protocol import ProtocolError
 from he_service.registry import ModelUnavailable
 from he_service.serving import KeysDoNotFit, TooManySamples
@@ -45,6 +46,16 @@ CASES: list[tuple[Exception, int, str, dict[str, object], str | None]] = [
     (TooManyUploads(4, 30), 429, "too_many_requests", {"retry_after": 30}, "30"),
     (StagingFull(1 << 30, 12), 503, "not_ready", {"retry_after": 12}, "12"),
     (StagingUnavailable("Redis is down"), 503, "not_ready", {}, None),
+    (StagingUnavailable("disk full", retry_after=30), 503, "not_ready", {"retry_after": 30}, "30"),
+    (MemoryBusy("this request", 10, 5, 2), 503, "not_ready", {"retry_after": 2}, "2"),
+    (
+        MemoryLimitExceeded("this request", 10, 5),
+        413,
+        "payload_too_large",
+        {"limit": 5},
+        None,
+    ),
+    (MemoryError(), 503, "not_ready", {"retry_after": 5}, "5"),
 ]
 
 
