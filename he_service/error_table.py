@@ -25,7 +25,7 @@ from he_service.errors import (
 from he_service.memory import MemoryBusy, MemoryLimitExceeded
 from he_service.protocol import ProtocolError
 from he_service.registry import ModelUnavailable
-from he_service.serving import KeysDoNotFit, TooManySamples
+from he_service.serving import KeysDoNotFit, TooManySamples, WorkerOutOfMemory
 from he_service.uploads import (
     StagingFull,
     StagingUnavailable,
@@ -67,7 +67,8 @@ ERROR_TABLE: tuple[tuple[type[Exception], Callable[[Any], ServiceError]], ...] =
             f"{e.what} (about {e.needed} bytes of memory)", e.limit, "bytes (memory_budget_bytes)"
         ),
     ),
-    # SEAL's std::bad_alloc arrives as MemoryError; the request's objects are gone by now.
+    (WorkerOutOfMemory, lambda e: NotReady(str(e), retry_after=5)),
+    # Out of memory outside SEAL (Python objects): the request's objects are gone by now.
     (
         MemoryError,
         lambda e: NotReady(

@@ -8,10 +8,14 @@ parsing, the card); one subclass per kind wraps its evaluator.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -76,6 +80,43 @@ class KeysDoNotFit(ValueError):
     def __init__(self, message: str, missing: list[int] | None = None) -> None:
         super().__init__(message)
         self.missing = missing or []
+
+
+class WorkerOutOfMemory(MemoryError):
+    """SEAL ran out of memory during a request; this worker process stops after answering.
+
+    SEAL's thread-safe memory pool can stay locked when an allocation fails inside it
+    (``std::bad_alloc`` under its spin lock): the next allocation or release of that size then
+    spins forever at 100% CPU. So the objects of the failed request are never released, the
+    request gets a 503, and the worker stops (SIGTERM to itself: gunicorn starts a fresh one;
+    a single waitress process exits for its supervisor to restart).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the server ran out of memory for this request; this worker restarts: retry in a "
+            "few seconds, or send fewer samples per request"
+        )
+
+
+# Exceptions (with the frames that hold the failed request's SEAL objects) never released.
+_RETAINED: list[BaseException] = []
+_STOP_DELAY_SECONDS = 1.0
+
+
+@contextlib.contextmanager
+def _seal_memory() -> Iterator[None]:
+    try:
+        yield
+    except WorkerOutOfMemory:
+        raise
+    except MemoryError as exc:
+        _RETAINED.append(exc)
+        log.error("out of memory during an evaluation: this worker stops after answering 503")
+        stop = threading.Timer(_STOP_DELAY_SECONDS, os.kill, (os.getpid(), signal.SIGTERM))
+        stop.daemon = True
+        stop.start()
+        raise WorkerOutOfMemory() from None
 
 
 class TooManySamples(ValueError):
@@ -316,7 +357,16 @@ class ServedPlan(ABC):
         for part in parts:
             for item in decode_frames(part, max_items=max(1, count - index)):
                 what = f"input ciphertext {index}"
-                unit.append(load_seal(seal.Ciphertext, item, self.context, what=what))
+                with _seal_memory():
+                    unit.append(
+                        load_seal(
+                            seal.Ciphertext,
+                            item,
+                            self.context,
+                            what=what,
+                            max_bytes=self.max_ciphertext_bytes,
+                        )
+                    )
                 index += 1
                 if len(unit) == per_unit:
                     self.check(unit)
@@ -328,12 +378,17 @@ class ServedPlan(ABC):
         return EncryptedRequest(loaded)
 
     def run(self, request: EncryptedRequest, keys: StoredContext, timings: Timings) -> Ciphertexts:
-        """Evaluate every unit of a request; return the output ciphertexts in order."""
-        return [
-            ct
-            for unit in request.units
-            for ct in self.evaluate(unit, keys.relin_keys, keys.galois_keys, timings)
-        ]
+        """Evaluate every unit of a request; return the output ciphertexts in order.
+
+        Raises:
+            WorkerOutOfMemory: SEAL ran out of memory (503; the worker stops).
+        """
+        with _seal_memory():
+            return [
+                ct
+                for unit in request.units
+                for ct in self.evaluate(unit, keys.relin_keys, keys.galois_keys, timings)
+            ]
 
     def answer(self, outputs: Ciphertexts, timings: Timings) -> bytes:
         """Serialize output ciphertexts into the response body."""

@@ -15,7 +15,7 @@ from he_service.error_table import ERROR_TABLE, to_service_error
 from he_service.memory import MemoryBusy, MemoryLimitExceeded
 from he_service.protocol import ProtocolError
 from he_service.registry import ModelUnavailable
-from he_service.serving import KeysDoNotFit, TooManySamples
+from he_service.serving import KeysDoNotFit, TooManySamples, WorkerOutOfMemory
 from he_service.uploads import (
     StagingFull,
     StagingUnavailable,
@@ -56,6 +56,7 @@ CASES: list[tuple[Exception, int, str, dict[str, object], str | None]] = [
         None,
     ),
     (MemoryError(), 503, "not_ready", {"retry_after": 5}, "5"),
+    (WorkerOutOfMemory(), 503, "not_ready", {"retry_after": 5}, "5"),
 ]
 
 
