@@ -243,14 +243,17 @@ class ServedPlan(ABC):
     def request_memory_bytes(self, count: int) -> int:
         """Estimate the peak memory of a request of ``count`` input ciphertexts.
 
-        ``read`` loads every unit before ``run`` evaluates them one at a time, and ``answer``
-        holds the outputs twice (serialized, then framed): inputs + one unit's working set +
-        outputs.
+        ``read`` copies the body's frames and loads every unit before ``run`` evaluates them
+        one at a time, and ``answer`` holds the outputs twice (serialized, then framed): frames
+        + inputs + one unit's working set + outputs, plus an eighth for SEAL's and the
+        allocator's slack (measured: ``benchmarks/memory_faults.py batch``).
         """
         units = max(1, count // self.inputs_per_unit)
+        frames = count * self.params.ciphertext_bytes(seeded=True)
         inputs = count * self._ciphertext_memory()
         outputs = units * self.outputs_per_unit * self._ciphertext_memory() * 3
-        return inputs + self.unit_working_bytes() + outputs
+        total = frames + inputs + self.unit_working_bytes() + outputs
+        return total + total // 8
 
     @property
     @abstractmethod
