@@ -34,10 +34,12 @@ from he_service.errors import (
     UnknownUpload,
 )
 from he_service.keystore import KeyStore, StoredContext
+from he_service.memory import MemoryBudget
 from he_service.observability import Metrics, init_app
 from he_service.openapi import openapi_document
 from he_service.protocol import CONTEXT_HEADER, MEDIA_TYPE
 from he_service.protocol.framing import frame_count
+from he_service.protocol.seal_io import sweep_scratch_files
 from he_service.quotas import Quotas
 from he_service.registry import ModelRegistry
 from he_service.serving import ServedPlan
@@ -69,13 +71,21 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
     """
     if not isinstance(config, Config):
         config = Config.load(config)
-    registry = ModelRegistry.from_directory(config.models_dir, config)
+    budget = MemoryBudget(config.memory_budget())
+    registry = ModelRegistry.from_directory(config.models_dir, config, budget)
     tokens = TokenTable.parse(config.api_tokens)
-    store = KeyStore.from_config(config, accepts=registry.accepts)
+    sweep_scratch_files()  # SEAL scratch files of killed workers, where they have names
+    store = KeyStore.from_config(
+        config,
+        accepts=registry.accepts,
+        max_galois_keys=registry.max_galois_keys,
+        budget=budget,
+    )
     service = _Service(
         config=config,
         registry=registry,
         store=store,
+        budget=budget,
         uploads=Uploads.from_config(config),
         tokens=tokens,
         # Quotas are per token: the tokenless quick start has no principal to charge.
@@ -110,6 +120,7 @@ class _Service:
     quotas: Quotas | None  # None when API tokens are off
     metrics: Metrics
     contexts_count: _Bounded[tuple[int, int]]
+    budget: MemoryBudget
 
 
 class _Bounded(Generic[T]):
@@ -221,15 +232,22 @@ def _predict(
 ) -> Response:
     """Evaluate a request's ciphertexts (one body, or an upload's parts) and answer them."""
     samples = plan.check_count(count, uploaded=uploaded)
+    needed = plan.request_memory_bytes(count)
+    _service().budget.check(needed, "this request")  # 413 before a sample is charged
     quotas = _service().quotas
     if quotas is not None:
         quotas.charge_samples(_owner(), samples)
     timings = Timings()
-    inputs = plan.read(parts, count, timings)
-    start = time.perf_counter()
-    outputs = plan.run(inputs, keys, timings)
-    _service().metrics.observe_evaluation(plan.model, plan.kind, time.perf_counter() - start)
-    response = Response(plan.answer(outputs, timings), status=200, mimetype=MEDIA_TYPE)
+    with _service().budget.reserve(needed, "this request"):
+        inputs = plan.read(parts, count, timings)
+        start = time.perf_counter()
+        outputs = plan.run(inputs, keys, timings)
+        del inputs
+        evaluated = time.perf_counter() - start
+        _service().metrics.observe_evaluation(plan.model, plan.kind, evaluated)
+        body = plan.answer(outputs, timings)
+        del outputs
+    response = Response(body, status=200, mimetype=MEDIA_TYPE)
     response.headers["Server-Timing"] = ", ".join(
         f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in timings.stages.items()
     )

@@ -319,8 +319,9 @@ def _startup_errors() -> tuple[type[Exception], ...]:
     from he_service.registry import RegistryError
     from he_service.uploads import UploadError
 
-    # ServiceError: the context store is unusable (NotReady); UploadError: the staging area.
-    return (RegistryError, ValueError, ServiceError, UploadError)
+    # ServiceError: the context store or the quota database is unusable (NotReady);
+    # UploadError: the staging area; OSError: any other file the setup names (models dir).
+    return (RegistryError, ValueError, ServiceError, UploadError, OSError)
 
 
 def _names(app: Flask) -> str:

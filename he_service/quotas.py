@@ -385,13 +385,19 @@ class Quotas:
             is given, else in memory (right for one worker process only).
 
         Raises:
-            sqlite3.Error: the SQLite file cannot be opened.
+            NotReady: the SQLite file (or its directory) cannot be opened or is not a database;
+                the message names the file and the cause, in one line.
         """
         counters: Counters
         if config.redis_url:
             counters = RedisCounters(config.redis_url)
         elif state_dir is not None:
-            counters = SqliteCounters(Path(state_dir) / "quotas.sqlite3")
+            path = Path(state_dir) / "quotas.sqlite3"
+            try:
+                counters = SqliteCounters(path)
+            except (sqlite3.Error, OSError) as exc:
+                cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise NotReady(f"cannot open the quota database {path}: {cause}") from None
         else:
             counters = MemoryCounters()
         return cls(
