@@ -198,6 +198,13 @@ def _read_body(limit: int, what: str) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(what, limit)
+    if declared and request.environ.get("wsgi.input_terminated"):
+        # One read of the declared size allocates the body once (a list of chunks joined, or
+        # werkzeug's stream, holds it twice at the peak); the server ends the input there.
+        data: bytes = request.environ["wsgi.input"].read(declared)
+        if len(data) != declared:
+            raise BadRequest(f"{what} is shorter than its Content-Length")
+        return data
     chunks: list[bytes] = []
     size = 0
     while size <= limit:
