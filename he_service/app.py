@@ -12,12 +12,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
+from urllib.parse import parse_qs
 
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RoutingException
 
 from he_service import __version__
-from he_service.auth import ANONYMOUS, TokenTable
+from he_service.auth import ANONYMOUS, UNAUTHORIZED_MESSAGE, TokenTable
 from he_service.config import Config
 from he_service.engine import Timings
 from he_service.error_table import ERROR_TABLE, to_service_error
@@ -39,13 +41,14 @@ from he_service.observability import Metrics, init_app
 from he_service.openapi import openapi_document
 from he_service.protocol import CONTEXT_HEADER, MEDIA_TYPE
 from he_service.protocol.framing import frame_count
+from he_service.protocol.plans import PlanKind
 from he_service.protocol.seal_io import sweep_scratch_files
 from he_service.quotas import Quotas
 from he_service.registry import ModelRegistry
 from he_service.serving import ServedPlan
 from he_service.uploads import UploadInfo, Uploads
 
-__all__ = ["create_app"]
+__all__ = ["NO_BODY_BYTES", "REFUSED_BODY", "Admission", "admit", "create_app"]
 
 log = logging.getLogger(__name__)
 _CONTEXT_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -53,6 +56,18 @@ _READ_CHUNK = 1 << 20
 # Routes that read only this process's memory: they are served while a shared store is down.
 _STORELESS = frozenset({"list_models", "model_card", "openapi"})
 T = TypeVar("T")
+# Routes that take no body still get this much, so that a stray small body (or one sent with a
+# request that is refused for its caller) is read and the connection stays usable.
+NO_BODY_BYTES = 16 << 10
+# WSGI environ key the HTTP front (he_service.front) sets when it answered a request from its
+# headers alone, leaving its body unread: "too_large" or "unauthenticated".
+REFUSED_BODY = "he_service.refused_body"
+# Each route that reads a body, and its limit (the one its handler passes to _read_body).
+_BODY_LIMITS: dict[str, Any] = {
+    "upload_context": lambda config, plan: config.max_context_bytes,
+    "predict": lambda config, plan: config.max_body_bytes(plan),
+    "upload_part": lambda config, plan: config.max_part_bytes,
+}
 
 
 def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
@@ -103,6 +118,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
     app.extensions["he_service"] = service
     init_app(app, service.metrics)
     app.before_request(_authenticate)
+    app.before_request(_refused_body)
     _register_routes(app)
     _register_errors(app)
     return app
@@ -181,6 +197,55 @@ def _authenticate() -> None:
                 raise
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What a request may cost, decided from its request line and headers before its body."""
+
+    body_limit: int  # the most body bytes its route reads
+    authorized: bool  # False: the answer is a 401 whatever the body holds
+
+
+def admit(app: Flask, method: str, path: str, query: str, authorization: str | None) -> Admission:
+    """Return the body limit and the auth outcome of a request from its headers alone.
+
+    The HTTP front calls this before it receives a body (no I/O, no quota), so that an
+    oversized or unauthenticated request is answered without reading it. Routes that take no
+    body, unknown routes and unknown methods allow ``NO_BODY_BYTES``.
+    """
+    service: _Service = app.extensions["he_service"]
+    authorized = True
+    if path != "/v1/health" and service.tokens.enabled:
+        try:
+            service.tokens.authenticate(authorization)
+        except Unauthorized:
+            authorized = False
+    try:
+        endpoint, _ = app.url_map.bind("localhost").match(path, method)
+    except (HTTPException, RoutingException):
+        return Admission(NO_BODY_BYTES, authorized)
+    limit = _BODY_LIMITS.get(str(endpoint))
+    if limit is None:
+        return Admission(NO_BODY_BYTES, authorized)
+    try:
+        plan = PlanKind(parse_qs(query).get("plan", [PlanKind.LATENCY.value])[0])
+    except ValueError:  # the route answers 400 for an unknown plan; the smaller limit is enough
+        plan = PlanKind.LATENCY
+    return Admission(int(limit(service.config, plan)), authorized)
+
+
+def _refused_body() -> None:
+    """Answer a request the front refused at its headers (after authentication and routing)."""
+    reason = request.environ.get(REFUSED_BODY)
+    if reason is None or request.routing_exception is not None:
+        return  # a 404/405 answers it as well
+    if reason == "unauthenticated":
+        raise Unauthorized(UNAUTHORIZED_MESSAGE)
+    limit = admit(
+        current_app, request.method, request.path, request.query_string.decode("latin-1"), None
+    )
+    raise PayloadTooLarge("request body", limit.body_limit)
+
+
 def _owner() -> str:
     return str(g.get("principal_name", ANONYMOUS.name))
 
@@ -195,6 +260,13 @@ def _read_body(limit: int, what: str) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(what, limit)
+    if declared and request.environ.get("wsgi.input_terminated"):
+        # One read of the declared size allocates the body once (a list of chunks joined, or
+        # werkzeug's stream, holds it twice at the peak); the server ends the input there.
+        data: bytes = request.environ["wsgi.input"].read(declared)
+        if len(data) != declared:
+            raise BadRequest(f"{what} is shorter than its Content-Length")
+        return data
     chunks: list[bytes] = []
     size = 0
     while size <= limit:
