@@ -14,6 +14,7 @@ once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -159,6 +160,11 @@ def _serve(args: argparse.Namespace) -> int:
             configure_logging(args.log_level)
             overrides = {"models_dir": args.models_dir} if args.models_dir else {}
             config = Config.load(overrides)
+            if args.workers > 1 and not config.memory_budget_bytes:
+                # The default budget is the host's: the workers share it.
+                config = dataclasses.replace(
+                    config, memory_budget_bytes=config.memory_budget() // args.workers
+                )
         except ValueError as exc:
             print(f"he-service: {exc}", file=sys.stderr)
             return 2
