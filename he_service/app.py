@@ -159,7 +159,10 @@ class _Bounded(Generic[T]):
             if self._pending is None:
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(1, thread_name_prefix="he-health")
-                self._pending = self._executor.submit(self._fetch)
+                try:
+                    self._pending = self._executor.submit(self._fetch)
+                except RuntimeError:  # no thread to be had (out of memory): report, do not fail
+                    return self.last, False
             pending = self._pending
         try:
             value = pending.result(timeout=self._wait)
