@@ -286,11 +286,11 @@ class ModelSession:
 
     def decrypt(self, ciphertext: bytes) -> np.ndarray:
         """Decrypt and decode one sample's output ciphertext (latency plan) into its outputs."""
-        return self.spec.output_decoding.decode([self.keys.decrypt(ciphertext)], 1)[0]
+        return np.asarray(self.spec.output_decoding.decode([self.keys.decrypt(ciphertext)], 1)[0])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Return the decrypted outputs (logits or values) for one raw sample."""
-        return self.predict_many(np.asarray(x)[None, ...])[0]
+        return np.asarray(self.predict_many(np.asarray(x)[None, ...])[0])
 
     def predict_many(self, xs: np.ndarray) -> np.ndarray:
         """Return decrypted outputs for any number of samples, one row per sample.

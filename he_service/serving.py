@@ -32,8 +32,8 @@ from he_service.engine import (
 )
 from he_service.engine.batch.plan import INPUT, BatchAffine, BatchPoly, ciphertext_sizes
 from he_service.engine.batch.stream import STREAM_BYTES
-from he_service.engine.methods import GatherInput
-from he_service.engine.plan import LinearStep, TermPlan
+from he_service.engine.methods import GatherInput, TermPlan
+from he_service.engine.plan import LinearStep
 from he_service.keystore import StoredContext
 from he_service.protocol import (
     BatchDecoding,
