@@ -17,6 +17,7 @@ from clients._errors import (
     ContextNotFoundError,
     HEClientError,
     KeysTooLargeError,
+    NotFoundError,
     TransportError,
     error_from_response,
 )
@@ -367,6 +368,23 @@ class ModelSession:
 
     def _predict_in_parts(
         self, vectors: Iterable[np.ndarray], samples: int, timings: dict[str, float]
+    ) -> np.ndarray:
+        """Send one unit as an upload in parts; decode its outputs.
+
+        The server deletes an upload once it has evaluated it, so a prediction retried after
+        a dropped connection finds it gone when only the answer was lost: then the unit is
+        uploaded once more.
+        """
+        vectors = list(vectors)
+        try:
+            return self._upload_and_predict(vectors, samples, timings)
+        except NotFoundError as exc:
+            if exc.details.get("attempts", 1) <= 1 or isinstance(exc, ContextNotFoundError):
+                raise
+            return self._upload_and_predict(vectors, samples, timings)
+
+    def _upload_and_predict(
+        self, vectors: list[np.ndarray], samples: int, timings: dict[str, float]
     ) -> np.ndarray:
         """Send one unit as an upload in parts, encrypting as it goes; decode its outputs."""
         name, plan, limit = self.card.name, self.plan, self.spec.limits.max_part_bytes
