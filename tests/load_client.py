@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,18 +104,39 @@ def supports_workers() -> bool:
     return "--workers" in serve_help()
 
 
+def shipped_subset(directory: Path, names: Iterable[str]) -> Path:
+    """Return a models folder in ``directory`` that links only these shipped models.
+
+    A server compiles every model it serves before it answers (the five shipped ones take
+    about 25 s); a test that needs two need not wait for the rest.
+    """
+    folder = directory / "models"
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        link = folder / name
+        if not link.exists():
+            link.symlink_to(DEFAULT_MODELS_DIR / name, target_is_directory=True)
+    return folder
+
+
 def start_server(
-    directory: Path, *, workers: int | None, env: dict[str, str] | None = None
+    directory: Path,
+    *,
+    workers: int | None,
+    env: dict[str, str] | None = None,
+    models: Iterable[str] = (BREAST, MNIST),
 ) -> ServedProcess:
     """Start ``python -m he_service.cli serve`` on a free port and wait until it has settled.
 
-    Healthy means one worker answers; the others may still be compiling their models, so the
-    server counts as started once its process tree's memory has stopped growing too.
+    It serves the shipped ``models`` only (the load mix needs no others). Healthy means one
+    worker answers; the others may still be compiling their models, so the server counts as
+    started once its process tree's memory has stopped growing too.
     """
     port = _free_port()
     log = directory / "server.log"
     environ = {
         **os.environ,
+        "HE_SERVICE_MODELS_DIR": str(shipped_subset(directory, models)),
         "HE_SERVICE_KEY_STORE_DIR": str(directory / "contexts"),
         "HE_SERVICE_API_TOKENS": "",  # the tokenless quick start: no quotas either
         "PYTHONUNBUFFERED": "1",

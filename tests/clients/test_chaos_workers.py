@@ -10,7 +10,6 @@ have dropped under a request (or the test proved nothing), and nothing may be le
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -22,7 +21,6 @@ import numpy as np
 import pytest
 
 from clients import HEClient, KeySet, ModelSession, Retry
-from he_service.config import DEFAULT_MODELS_DIR
 from tests.load_client import BREAST, ServedProcess, load_samples, process_tree, start_server
 
 KILLS = 3
@@ -48,10 +46,7 @@ class CountingTransport(httpx.HTTPTransport):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedProcess]:
-    directory = tmp_path_factory.mktemp("chaos")
-    models = directory / "models"
-    shutil.copytree(DEFAULT_MODELS_DIR / BREAST, models / BREAST)
-    served = start_server(directory, workers=2, env={"HE_SERVICE_MODELS_DIR": str(models)})
+    served = start_server(tmp_path_factory.mktemp("chaos"), workers=2, models=[BREAST])
     try:
         yield served
     finally:
