@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -75,15 +76,23 @@ def _start(tmp_path: Path, workers: int, settings: dict[str, str] | None = None)
         )
     server = Server(process, f"http://127.0.0.1:{port}", log, workers)
     deadline = time.monotonic() + 180
-    while True:
-        assert process.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{server.url}/v1/health", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not start in 180 s:\n" + log.read_text()
-        time.sleep(0.1)
+    try:
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{server.url}/v1/health", timeout=2).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not start in 180 s:\n" + log.read_text()
+            time.sleep(0.1)
+    except BaseException:
+        # A server that never became healthy must not outlive the test, workers included.
+        for pid in process_tree(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait()
+        raise
 
 
 @pytest.fixture(scope="module")

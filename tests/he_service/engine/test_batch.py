@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -25,21 +25,6 @@ from he_service.protocol.params import MAX_COEFF_BITS_128, CkksParams, new_seal_
 
 from .batch_keys import Keys, forward, run_encrypted
 from .networks import make_artifact, random_network
-
-
-@pytest.fixture(scope="module")
-def keys() -> Iterator[Callable[[CkksParams], Keys]]:
-    """Key sets by parameters, generated once per module."""
-    cache: dict[CkksParams, Keys] = {}
-
-    def get(params: CkksParams) -> Keys:
-        if params not in cache:
-            cache[params] = Keys(params)
-        return cache[params]
-
-    yield get
-    cache.clear()
-
 
 # ---- compilation and plain simulation
 

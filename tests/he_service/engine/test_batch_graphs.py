@@ -9,7 +9,7 @@ shipped chain models keep their parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -81,20 +81,6 @@ def random_graph_network(rng: np.random.Generator) -> tuple[ModelArtifact, np.nd
     weight = rng.normal(size=(outputs, width)) / np.sqrt(width)
     layers.append(Linear(weight, rng.normal(size=outputs) * 0.1))
     return make_artifact(layers, (width,)), rng.normal(size=(width,))
-
-
-@pytest.fixture(scope="module")
-def keys() -> Iterator[Callable[[CkksParams], Keys]]:
-    """Key sets by parameters, generated once per module."""
-    cache: dict[CkksParams, Keys] = {}
-
-    def get(params: CkksParams) -> Keys:
-        if params not in cache:
-            cache[params] = Keys(params)
-        return cache[params]
-
-    yield get
-    cache.clear()
 
 
 def _choice(artifact: ModelArtifact) -> ParameterChoice:

@@ -7,7 +7,7 @@ import pytest
 
 from he_service.artifacts import Conv2d, Flatten, Linear, Poly
 from he_service.engine import forward_plain
-from he_service.engine.graph import CompileError, LinearNode, PolyNode, build_graph
+from he_service.engine.graph import LinearNode, PolyNode, build_graph
 from he_service.engine.ops import Conv, Dense, Pool, Reshape
 
 from .networks import make_artifact, random_network, random_residual_network
@@ -85,16 +85,3 @@ def test_activations_fold_their_scale_shift_and_constant_into_neighbours() -> No
     last = graph.nodes[3]
     assert isinstance(last, LinearNode) and isinstance(last.terms[0].chain.ops[0], Dense)
     assert graph.depth == 1
-
-
-def test_degree_five_is_refused_with_the_layer_path() -> None:
-    artifact = make_artifact(
-        [
-            Linear(np.eye(3), np.zeros(3)),
-            Poly((0.0, 1.0, 0.0, 0.0, 0.0, 1.0)),
-            Linear(np.eye(3), np.zeros(3)),
-        ],
-        (3,),
-    )
-    with pytest.raises(CompileError, match=r"layers\[1\].*degree 5"):
-        build_graph(artifact)
