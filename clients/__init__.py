@@ -17,6 +17,7 @@ from clients._errors import (
     ServiceUnavailableError,
     TransportError,
 )
+from clients._retry import Retry
 
 __all__ = [
     "AuthenticationError",
@@ -32,6 +33,7 @@ __all__ = [
     "ParameterMismatchError",
     "PayloadTooLargeError",
     "RateLimitedError",
+    "Retry",
     "ServerError",
     "ServiceUnavailableError",
     "TransportError",

@@ -17,9 +17,11 @@ from clients._errors import (
     ContextNotFoundError,
     HEClientError,
     KeysTooLargeError,
+    NotFoundError,
     TransportError,
     error_from_response,
 )
+from clients._retry import NO_RETRY, Retry, call_with_retries
 from he_service.protocol import (
     CONTEXT_HEADER,
     MEDIA_TYPE,
@@ -41,7 +43,9 @@ class HEClient:
 
     Use it as a context manager; ``transport`` lets tests run the app in-process
     (``httpx.WSGITransport(app=create_app(...))``); ``token`` is the API token when the service
-    requires one (sent as ``Authorization: Bearer``).
+    requires one (sent as ``Authorization: Bearer``). ``timeout`` bounds each request;
+    ``retry`` says how calls that failed in a passing way (a dropped connection, 503, 429) are
+    retried, within its ``deadline`` (``Retry()`` by default; ``None`` turns retries off).
     """
 
     def __init__(
@@ -51,8 +55,11 @@ class HEClient:
         timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
         token: str | None = None,
+        retry: Retry | None = Retry(),  # noqa: B008 - frozen, so sharing it is harmless
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = timeout
+        self._retry = retry or NO_RETRY
         self._http = httpx.Client(
             base_url=base_url, timeout=timeout, transport=transport, headers=headers
         )
@@ -66,18 +73,36 @@ class HEClient:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise TransportError(f"{method} {path} failed: {exc}") from exc
-        if response.status_code >= 400 and method != "HEAD":
+    def _request(
+        self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any
+    ) -> httpx.Response:
+        """Send a request, retried as ``self._retry`` says; raise the SDK's error for a failure.
+
+        Args:
+            idempotent: repeating the request after the server may have received it is
+                harmless; if not, it is retried only when it never reached the server (and on
+                503 and 429, which the service answers before doing anything).
+        """
+
+        def attempt(seconds_left: float) -> httpx.Response:
+            timeout = min(self._timeout, seconds_left)
             try:
-                body = response.json()
-            except ValueError:
-                body = None
-            raise error_from_response(response.status_code, body)
-        return response
+                response = self._http.request(method, path, timeout=timeout, **kwargs)
+            except httpx.HTTPError as exc:
+                raise TransportError(
+                    f"{method} {path} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            if response.status_code >= 400 and (method != "HEAD" or response.status_code != 404):
+                try:
+                    body = response.json()
+                except ValueError:
+                    body = None
+                raise error_from_response(
+                    response.status_code, body, response.headers.get("Retry-After")
+                )
+            return response
+
+        return call_with_retries(self._retry, f"{method} {path}", attempt, idempotent=idempotent)
 
     def health(self) -> dict[str, Any]:
         """Return the service status, version and model names."""
@@ -186,6 +211,7 @@ class HEClient:
         response = self._request(
             "POST",
             f"/v1/models/{name}/uploads",
+            idempotent=False,  # a lost answer would leave an upload open until it expires
             params={"plan": str(plan)},
             headers={CONTEXT_HEADER: context_id},
         )
@@ -204,7 +230,12 @@ class HEClient:
         return result
 
     def predict_upload(self, upload_id: str) -> tuple[list[bytes], dict[str, float]]:
-        """Evaluate an upload's ciphertexts (it is then deleted); same answer as ``predict_raw``."""
+        """Evaluate an upload's ciphertexts (it is then deleted); same answer as ``predict_raw``.
+
+        Retried after a dropped connection: the service deletes the upload only once the
+        evaluation ended, so a retry finds it (a worker died) or answers 404 (the answer was
+        lost after the evaluation: send the upload again).
+        """
         return _outputs(self._request("POST", f"/v1/uploads/{upload_id}/predict"))
 
     def delete_upload(self, upload_id: str) -> None:
@@ -256,11 +287,11 @@ class ModelSession:
 
     def decrypt(self, ciphertext: bytes) -> np.ndarray:
         """Decrypt and decode one sample's output ciphertext (latency plan) into its outputs."""
-        return self.spec.output_decoding.decode([self.keys.decrypt(ciphertext)], 1)[0]
+        return np.asarray(self.spec.output_decoding.decode([self.keys.decrypt(ciphertext)], 1)[0])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Return the decrypted outputs (logits or values) for one raw sample."""
-        return self.predict_many(np.asarray(x)[None, ...])[0]
+        return np.asarray(self.predict_many(np.asarray(x)[None, ...])[0])
 
     def predict_many(self, xs: np.ndarray) -> np.ndarray:
         """Return decrypted outputs for any number of samples, one row per sample.
@@ -337,6 +368,23 @@ class ModelSession:
 
     def _predict_in_parts(
         self, vectors: Iterable[np.ndarray], samples: int, timings: dict[str, float]
+    ) -> np.ndarray:
+        """Send one unit as an upload in parts; decode its outputs.
+
+        The server deletes an upload once it has evaluated it, so a prediction retried after
+        a dropped connection finds it gone when only the answer was lost: then the unit is
+        uploaded once more.
+        """
+        vectors = list(vectors)
+        try:
+            return self._upload_and_predict(vectors, samples, timings)
+        except NotFoundError as exc:
+            if exc.details.get("attempts", 1) <= 1 or isinstance(exc, ContextNotFoundError):
+                raise
+            return self._upload_and_predict(vectors, samples, timings)
+
+    def _upload_and_predict(
+        self, vectors: list[np.ndarray], samples: int, timings: dict[str, float]
     ) -> np.ndarray:
         """Send one unit as an upload in parts, encrypting as it goes; decode its outputs."""
         name, plan, limit = self.card.name, self.plan, self.spec.limits.max_part_bytes

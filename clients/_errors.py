@@ -35,6 +35,12 @@ class HEClientError(Exception):
         super().__init__(message)
         self.status, self.code, self.details = status, code, details or {}
 
+    @property
+    def retry_after(self) -> int | None:
+        """Seconds the service asked to wait before a retry (429, 503), if it said."""
+        value = self.details.get("retry_after")
+        return int(value) if isinstance(value, int | float) else None
+
 
 class TransportError(HEClientError):
     """The service could not be reached or the connection broke."""
@@ -78,14 +84,9 @@ class AuthenticationError(HEClientError):
 class RateLimitedError(HEClientError):
     """429: over the request rate or the sample budget; ``retry_after`` says when to retry."""
 
-    @property
-    def retry_after(self) -> int | None:
-        value = self.details.get("retry_after")
-        return int(value) if isinstance(value, int | float) else None
-
 
 class ServiceUnavailableError(HEClientError):
-    """503: the service is not ready."""
+    """503: the service is not ready (a store down, memory spent); ``retry_after`` may say when."""
 
 
 class ServerError(HEClientError):
@@ -108,8 +109,11 @@ _BY_STATUS: dict[int, type[HEClientError]] = {
 }
 
 
-def error_from_response(status: int, body: Any) -> HEClientError:
-    """Build the exception for an error answer (JSON ``{"error": {...}}`` or anything else)."""
+def error_from_response(status: int, body: Any, retry_after: str | None = None) -> HEClientError:
+    """Build the exception for an error answer (JSON ``{"error": {...}}`` or anything else).
+
+    ``retry_after``: the ``Retry-After`` header, which wins over the body's field.
+    """
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         code = str(error.get("code", ""))
@@ -117,6 +121,8 @@ def error_from_response(status: int, body: Any) -> HEClientError:
         details = {k: v for k, v in error.items() if k not in ("code", "message")}
     else:
         code, message, details = "", f"HTTP {status}", {}
+    if retry_after is not None and retry_after.strip().isdigit():
+        details["retry_after"] = int(retry_after)
     kind = (
         _BY_CODE.get(code)
         or _BY_STATUS.get(status)

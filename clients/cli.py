@@ -46,7 +46,7 @@ def load_sample(path: Path, shape: tuple[int, ...], *, invert: bool = False) -> 
         array = 255.0 - array
     if array.size != int(np.prod(shape)):
         raise ValueError(f"{path} holds {array.size} values; the model expects shape {shape}")
-    return array.reshape(shape)
+    return np.asarray(array.reshape(shape))
 
 
 def _print_prediction(

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
+from urllib.parse import parse_qs
 
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RoutingException
 
 from he_service import __version__
-from he_service.auth import ANONYMOUS, TokenTable
+from he_service.auth import ANONYMOUS, UNAUTHORIZED_MESSAGE, TokenTable
 from he_service.config import Config
 from he_service.engine import Timings
 from he_service.error_table import ERROR_TABLE, to_service_error
@@ -23,6 +28,7 @@ from he_service.errors import (
     ContextNotFound,
     InternalError,
     MethodNotAllowed,
+    NotReady,
     PayloadTooLarge,
     RouteNotFound,
     ServiceError,
@@ -30,20 +36,38 @@ from he_service.errors import (
     UnknownUpload,
 )
 from he_service.keystore import KeyStore, StoredContext
+from he_service.memory import MemoryBudget
 from he_service.observability import Metrics, init_app
 from he_service.openapi import openapi_document
 from he_service.protocol import CONTEXT_HEADER, MEDIA_TYPE
 from he_service.protocol.framing import frame_count
+from he_service.protocol.plans import PlanKind
+from he_service.protocol.seal_io import sweep_scratch_files
 from he_service.quotas import Quotas
 from he_service.registry import ModelRegistry
 from he_service.serving import ServedPlan
 from he_service.uploads import UploadInfo, Uploads
 
-__all__ = ["create_app"]
+__all__ = ["NO_BODY_BYTES", "REFUSED_BODY", "Admission", "admit", "create_app"]
 
 log = logging.getLogger(__name__)
 _CONTEXT_ID = re.compile(r"^[0-9a-f]{64}$")
 _READ_CHUNK = 1 << 20
+# Routes that read only this process's memory: they are served while a shared store is down.
+_STORELESS = frozenset({"list_models", "model_card", "openapi"})
+T = TypeVar("T")
+# Routes that take no body still get this much, so that a stray small body (or one sent with a
+# request that is refused for its caller) is read and the connection stays usable.
+NO_BODY_BYTES = 16 << 10
+# WSGI environ key the HTTP front (he_service.front) sets when it answered a request from its
+# headers alone, leaving its body unread: "too_large" or "unauthenticated".
+REFUSED_BODY = "he_service.refused_body"
+# Each route that reads a body, and its limit (the one its handler passes to _read_body).
+_BODY_LIMITS: dict[str, Any] = {
+    "upload_context": lambda config, plan: config.max_context_bytes,
+    "predict": lambda config, plan: config.max_body_bytes(plan),
+    "upload_part": lambda config, plan: config.max_part_bytes,
+}
 
 
 def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
@@ -62,12 +86,21 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
     """
     if not isinstance(config, Config):
         config = Config.load(config)
-    registry = ModelRegistry.from_directory(config.models_dir, config)
+    budget = MemoryBudget(config.memory_budget())
+    registry = ModelRegistry.from_directory(config.models_dir, config, budget)
     tokens = TokenTable.parse(config.api_tokens)
+    sweep_scratch_files()  # SEAL scratch files of killed workers, where they have names
+    store = KeyStore.from_config(
+        config,
+        accepts=registry.accepts,
+        max_galois_keys=registry.max_galois_keys,
+        budget=budget,
+    )
     service = _Service(
         config=config,
         registry=registry,
-        store=KeyStore.from_config(config, accepts=registry.accepts),
+        store=store,
+        budget=budget,
         uploads=Uploads.from_config(config),
         tokens=tokens,
         # Quotas are per token: the tokenless quick start has no principal to charge.
@@ -77,6 +110,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
             else None
         ),
         metrics=Metrics(),
+        contexts_count=_Bounded(store.stats),
     )
     service.metrics.key_store_stats = service.store.stats
     app = Flask(__name__)
@@ -84,6 +118,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
     app.extensions["he_service"] = service
     init_app(app, service.metrics)
     app.before_request(_authenticate)
+    app.before_request(_refused_body)
     _register_routes(app)
     _register_errors(app)
     return app
@@ -100,6 +135,48 @@ class _Service:
     tokens: TokenTable
     quotas: Quotas | None  # None when API tokens are off
     metrics: Metrics
+    contexts_count: _Bounded[tuple[int, int]]
+    budget: MemoryBudget
+
+
+class _Bounded(Generic[T]):
+    """Call ``fetch`` (in one helper thread) but wait for it at most ``wait`` seconds.
+
+    Health must answer at once even while the key store (Redis, a disk) hangs: it gets the
+    last value fetched and ``False`` then, and the next call waits for the same fetch.
+    """
+
+    def __init__(self, fetch: Callable[[], T], wait: float = 0.2) -> None:
+        self._fetch, self._wait = fetch, wait
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None  # made after a fork, on first use
+        self._pending: Future[T] | None = None
+        self.last: T | None = None
+
+    def get(self) -> tuple[T | None, bool]:
+        """Return ``(value, True)``, or ``(last value, False)`` if late or failing."""
+        with self._lock:
+            if self._pending is None:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="he-health")
+                try:
+                    self._pending = self._executor.submit(self._fetch)
+                except RuntimeError:  # no thread to be had (out of memory): report, do not fail
+                    return self.last, False
+            pending = self._pending
+        try:
+            value = pending.result(timeout=self._wait)
+        except FutureTimeout:
+            return self.last, False
+        except Exception:  # the store's own error; health only reports it
+            value = None
+        with self._lock:
+            if self._pending is pending:
+                self._pending = None
+        if value is None:
+            return self.last, False
+        self.last = value
+        return value, True
 
 
 def _service() -> _Service:
@@ -116,7 +193,60 @@ def _authenticate() -> None:
     principal = service.tokens.authenticate(request.headers.get("Authorization"))
     g.principal_name = principal.name
     if service.quotas is not None:
-        service.quotas.check_request(principal.name)
+        try:
+            service.quotas.check_request(principal.name)
+        except NotReady:
+            if request.endpoint not in _STORELESS:
+                raise
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a request may cost, decided from its request line and headers before its body."""
+
+    body_limit: int  # the most body bytes its route reads
+    authorized: bool  # False: the answer is a 401 whatever the body holds
+
+
+def admit(app: Flask, method: str, path: str, query: str, authorization: str | None) -> Admission:
+    """Return the body limit and the auth outcome of a request from its headers alone.
+
+    The HTTP front calls this before it receives a body (no I/O, no quota), so that an
+    oversized or unauthenticated request is answered without reading it. Routes that take no
+    body, unknown routes and unknown methods allow ``NO_BODY_BYTES``.
+    """
+    service: _Service = app.extensions["he_service"]
+    authorized = True
+    if path != "/v1/health" and service.tokens.enabled:
+        try:
+            service.tokens.authenticate(authorization)
+        except Unauthorized:
+            authorized = False
+    try:
+        endpoint, _ = app.url_map.bind("localhost").match(path, method)
+    except (HTTPException, RoutingException):
+        return Admission(NO_BODY_BYTES, authorized)
+    limit = _BODY_LIMITS.get(str(endpoint))
+    if limit is None:
+        return Admission(NO_BODY_BYTES, authorized)
+    try:
+        plan = PlanKind(parse_qs(query).get("plan", [PlanKind.LATENCY.value])[0])
+    except ValueError:  # the route answers 400 for an unknown plan; the smaller limit is enough
+        plan = PlanKind.LATENCY
+    return Admission(int(limit(service.config, plan)), authorized)
+
+
+def _refused_body() -> None:
+    """Answer a request the front refused at its headers (after authentication and routing)."""
+    reason = request.environ.get(REFUSED_BODY)
+    if reason is None or request.routing_exception is not None:
+        return  # a 404/405 answers it as well
+    if reason == "unauthenticated":
+        raise Unauthorized(UNAUTHORIZED_MESSAGE)
+    limit = admit(
+        current_app, request.method, request.path, request.query_string.decode("latin-1"), None
+    )
+    raise PayloadTooLarge("request body", limit.body_limit)
 
 
 def _owner() -> str:
@@ -133,6 +263,13 @@ def _read_body(limit: int, what: str) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(what, limit)
+    if declared and request.environ.get("wsgi.input_terminated"):
+        # One read of the declared size allocates the body once (a list of chunks joined, or
+        # werkzeug's stream, holds it twice at the peak); the server ends the input there.
+        data: bytes = request.environ["wsgi.input"].read(declared)
+        if len(data) != declared:
+            raise BadRequest(f"{what} is shorter than its Content-Length")
+        return data
     chunks: list[bytes] = []
     size = 0
     while size <= limit:
@@ -170,15 +307,22 @@ def _predict(
 ) -> Response:
     """Evaluate a request's ciphertexts (one body, or an upload's parts) and answer them."""
     samples = plan.check_count(count, uploaded=uploaded)
+    needed = plan.request_memory_bytes(count)
+    _service().budget.check(needed, "this request")  # 413 before a sample is charged
     quotas = _service().quotas
     if quotas is not None:
         quotas.charge_samples(_owner(), samples)
     timings = Timings()
-    inputs = plan.read(parts, count, timings)
-    start = time.perf_counter()
-    outputs = plan.run(inputs, keys, timings)
-    _service().metrics.observe_evaluation(plan.model, plan.kind, time.perf_counter() - start)
-    response = Response(plan.answer(outputs, timings), status=200, mimetype=MEDIA_TYPE)
+    with _service().budget.reserve(needed, "this request"):
+        inputs = plan.read(parts, count, timings)
+        start = time.perf_counter()
+        outputs = plan.run(inputs, keys, timings)
+        del inputs
+        evaluated = time.perf_counter() - start
+        _service().metrics.observe_evaluation(plan.model, plan.kind, evaluated)
+        body = plan.answer(outputs, timings)
+        del outputs
+    response = Response(body, status=200, mimetype=MEDIA_TYPE)
     response.headers["Server-Timing"] = ", ".join(
         f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in timings.stages.items()
     )
@@ -199,13 +343,15 @@ def _upload_json(info: UploadInfo, plan: ServedPlan) -> dict[str, Any]:
 def _register_routes(app: Flask) -> None:
     @app.get("/v1/health")
     def health() -> Response:
-        registry, store = _service().registry, _service().store
+        registry = _service().registry
+        stats, reachable = _service().contexts_count.get()
         return jsonify(
-            status="degraded" if registry.refused else "ok",
+            status="degraded" if registry.refused or not reachable else "ok",
             version=__version__,
             models=registry.names(),
             refused=registry.refused,
-            contexts=len(store),
+            contexts=stats[0] if stats else 0,
+            storage="ok" if reachable else "unavailable",
         )
 
     @app.get("/v1/models")

@@ -1,8 +1,10 @@
 """``he-service``: serve the models over HTTP, and make API tokens.
 
-``serve`` runs one process under waitress (``--workers 1``, the default, works everywhere) or
-several gunicorn ``gthread`` worker processes (``--workers N``): SEAL evaluation holds the GIL,
-so only processes evaluate in parallel. Each worker builds its own app (SEAL objects are not
+``serve`` runs one process (``--workers 1``, the default, works everywhere) or a gunicorn
+master with several worker processes (``--workers N``): SEAL evaluation holds the GIL, so only
+processes evaluate in parallel. Every process reads its connections with the same event-loop
+front (``he_service.front``: waitress's channels, deadlines, limits decided from the headers),
+so slow sockets never hold a worker thread. Each worker builds its own app (SEAL objects are not
 shared across ``fork``); Prometheus metrics are merged across workers through a temporary
 ``PROMETHEUS_MULTIPROC_DIR``. SIGTERM or SIGINT stops accepting connections, lets requests in
 flight finish for up to ``--graceful-timeout`` seconds, then exits 0; a second signal stops at
@@ -12,6 +14,7 @@ once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -27,6 +30,8 @@ from he_service.config import Config
 
 if TYPE_CHECKING:
     from flask import Flask
+
+    from he_service.front import FrontSettings
 
 __all__ = ["main"]
 
@@ -63,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=_positive_int,
         default=1,
-        help="worker processes: 1 runs waitress, more run gunicorn gthread workers (default 1)",
+        help="worker processes: more than 1 runs a gunicorn master that restarts them (default 1)",
     )
     serve.add_argument(
         "--threads", type=_positive_int, default=4, help="threads per worker (default 4)"
@@ -74,6 +79,22 @@ def _parser() -> argparse.ArgumentParser:
         default=30,
         metavar="S",
         help="seconds requests in flight get to finish on SIGTERM/SIGINT (default 30)",
+    )
+    serve.add_argument(
+        "--connection-limit",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="open connections per worker process; at the limit the connection waiting "
+        "longest for a request is closed to admit a new one (default 1000)",
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=_positive_int,
+        default=30,
+        metavar="S",
+        help="seconds a connection gets to send a request's headers (or to stay idle); a body "
+        "gets as long, plus time for each 16 KiB received (default 30)",
     )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     token = commands.add_parser(
@@ -139,8 +160,18 @@ def _serve(args: argparse.Namespace) -> int:
             configure_logging(args.log_level)
             overrides = {"models_dir": args.models_dir} if args.models_dir else {}
             config = Config.load(overrides)
+            if args.workers > 1 and not config.memory_budget_bytes:
+                # The default budget is the host's: the workers share it.
+                config = dataclasses.replace(
+                    config, memory_budget_bytes=config.memory_budget() // args.workers
+                )
         except ValueError as exc:
             print(f"he-service: {exc}", file=sys.stderr)
+            return 2
+        # Each connection is a descriptor; the loop, its trigger and the stores need a few more.
+        problem = _descriptors(args.connection_limit + 64)
+        if problem is not None:
+            print(f"he-service: {problem}", file=sys.stderr)
             return 2
         if multiproc_dir is None:
             return _serve_waitress(args, config)
@@ -151,67 +182,72 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ.pop(_MULTIPROC_ENV, None)
 
 
-def _serve_waitress(args: argparse.Namespace, config: Config) -> int:
-    """Serve in this process under waitress, draining requests in flight on SIGTERM/SIGINT."""
-    from waitress import wasyncore
-    from waitress.channel import HTTPChannel
-    from waitress.server import BaseWSGIServer, create_server
+def _front_settings(args: argparse.Namespace, config: Config) -> FrontSettings:
+    from he_service.front import FrontSettings
 
+    return FrontSettings(
+        threads=args.threads,
+        connection_limit=args.connection_limit,
+        read_timeout=args.read_timeout,
+        max_header_bytes=LIMIT_REQUEST_LINE + LIMIT_REQUEST_FIELDS * LIMIT_REQUEST_FIELD_SIZE,
+        max_body_bytes=config.max_any_body_bytes,
+    )
+
+
+def _descriptors(needed: int) -> str | None:
+    """Raise the open-file limit to ``needed`` if it is lower; return why not if it cannot."""
+    try:
+        import resource
+    except ImportError:  # not POSIX: nothing to check
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        return (
+            f"--connection-limit needs {needed} open files, the hard limit is {hard}; "
+            "lower --connection-limit or raise the limit (ulimit -n)"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    return None
+
+
+def _serve_waitress(args: argparse.Namespace, config: Config) -> int:
+    """Serve in this process (one event loop), draining requests in flight on SIGTERM/SIGINT."""
     from he_service.app import create_app
+    from he_service.front import Front
 
     try:
         app = create_app(config)
+        front = Front(app, _front_settings(args, config), host=args.host, port=args.port)
     except _startup_errors() as exc:
         print(f"he-service: {exc}", file=sys.stderr)
         return 2
-    socket_map: dict[int, Any] = {}
-    server = create_server(
-        app,
-        map=socket_map,
-        host=args.host,
-        port=args.port,
-        threads=args.threads,
-        max_request_body_size=config.max_any_body_bytes,
-        ident="he-service",
-    )
+    except OSError as exc:  # the address is taken or cannot be bound
+        print(
+            f"he-service: cannot listen on {_netloc(args.host, args.port)}: {exc}", file=sys.stderr
+        )
+        return 2
     print(
         f"he-service: serving {_names(app)} on http://{_netloc(args.host, args.port)}", flush=True
     )
-    deadline: list[float] = []
+    stopping: list[float] = []
 
     def stop(signum: int, _: object) -> None:
-        if deadline:
+        if stopping:
             raise KeyboardInterrupt  # a second signal: stop now
-        deadline.append(time.monotonic() + args.graceful_timeout)
+        stopping.append(time.monotonic())
         log.info("%s: finishing requests in flight", signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while not deadline:
-            wasyncore.loop(timeout=0.2, map=socket_map, use_poll=True, count=1)
-        # Stop accepting (close the listening sockets), then let open requests finish.
-        for channel in list(socket_map.values()):
-            if isinstance(channel, BaseWSGIServer):
-                wasyncore.dispatcher.close(channel)
-        while time.monotonic() < deadline[0]:
-            busy = [
-                c
-                for c in socket_map.values()
-                if isinstance(c, HTTPChannel)
-                and (c.requests or c.request is not None or c.total_outbufs_len)
-            ]
-            if not busy:
-                break
-            wasyncore.loop(timeout=0.05, map=socket_map, use_poll=True, count=1)
-        else:
-            log.warning("graceful timeout: closing connections with requests in flight")
+        front.run(lambda: bool(stopping), args.graceful_timeout)
     except KeyboardInterrupt:
         log.warning("stopping now; requests in flight are dropped")
+        front.close()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
-        wasyncore.close_all(socket_map)
     log.info("stopped")
     return 0
 
@@ -221,8 +257,10 @@ def _serve_gunicorn(args: argparse.Namespace, config: Config) -> int:
     from gunicorn.app.base import BaseApplication
     from gunicorn.arbiter import Arbiter
     from gunicorn.glogging import Logger
-    from gunicorn.workers.gthread import ThreadWorker
+    from gunicorn.workers.base import Worker
     from prometheus_client import multiprocess
+
+    from he_service.front import Front
 
     class JsonLogger(Logger):
         """Gunicorn's own messages go to the root logger, hence out as JSON lines."""
@@ -235,12 +273,31 @@ def _serve_gunicorn(args: argparse.Namespace, config: Config) -> int:
             self.error_log.propagate = True
             self.access_log.propagate = False  # the app writes its own access log
 
-    class GthreadWorker(ThreadWorker):
-        """A gthread worker for which SIGINT (Ctrl-C) is graceful, like SIGTERM."""
+    settings = _front_settings(args, config)
+
+    class FrontWorker(Worker):
+        """A worker that serves gunicorn's listening sockets with the event-loop front.
+
+        Gunicorn keeps process management (restarts a dead worker, signals, graceful stop);
+        the front reads every connection, so slow sockets never hold one of its threads.
+        """
+
+        alive: bool
 
         def init_signals(self) -> None:
             super().init_signals()
-            signal.signal(signal.SIGINT, self.handle_exit)
+            signal.signal(signal.SIGINT, self.handle_exit)  # Ctrl-C is graceful, like SIGTERM
+
+        def run(self) -> None:
+            front = Front(self.wsgi, settings, sockets=[listener.sock for listener in self.sockets])
+
+            def stopping() -> bool:
+                if self.alive and self.ppid != os.getppid():
+                    log.warning("the master process is gone; stopping")
+                    self.alive = False
+                return not self.alive
+
+            front.run(stopping, self.cfg.graceful_timeout, tick=self.notify)
 
     class Master(Arbiter):
         def handle_int(self) -> None:
@@ -253,7 +310,7 @@ def _serve_gunicorn(args: argparse.Namespace, config: Config) -> int:
                 "bind": [_netloc(args.host, args.port)],
                 "workers": args.workers,
                 "threads": args.threads,
-                "worker_class": GthreadWorker,
+                "worker_class": FrontWorker,
                 "preload_app": False,  # SEAL objects must not cross a fork
                 "graceful_timeout": args.graceful_timeout,
                 "limit_request_line": LIMIT_REQUEST_LINE,
@@ -319,8 +376,9 @@ def _startup_errors() -> tuple[type[Exception], ...]:
     from he_service.registry import RegistryError
     from he_service.uploads import UploadError
 
-    # ServiceError: the context store is unusable (NotReady); UploadError: the staging area.
-    return (RegistryError, ValueError, ServiceError, UploadError)
+    # ServiceError: the context store or the quota database is unusable (NotReady);
+    # UploadError: the staging area; OSError: any other file the setup names (models dir).
+    return (RegistryError, ValueError, ServiceError, UploadError, OSError)
 
 
 def _names(app: Flask) -> str:

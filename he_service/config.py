@@ -57,6 +57,17 @@ class Config:
     rate_limit_per_minute: int = 600
     sample_budget: int = 1_000_000
     sample_budget_seconds: int = 86400
+    # Bytes that decoding bodies and evaluating requests may hold at once in one worker
+    # process (0: half the host's RAM or cgroup limit). Work that does not fit next to the
+    # work in flight gets 503 + Retry-After, work larger than all of it 413; a model whose
+    # compiled plans alone exceed it is refused at start.
+    memory_budget_bytes: int = 0
+
+    def memory_budget(self) -> int:
+        """Return the process memory budget in bytes (``memory_budget_bytes``, or the default)."""
+        from he_service.memory import default_budget_bytes
+
+        return self.memory_budget_bytes or default_budget_bytes()
 
     def max_samples(self, kind: PlanKind) -> int:
         """Return the most samples one predict request of this plan kind may carry."""

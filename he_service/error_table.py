@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
 from he_service.engine import EvaluationError
 from he_service.errors import (
     BadRequest,
@@ -22,9 +24,10 @@ from he_service.errors import (
     TooManyRequests,
     UnknownUpload,
 )
+from he_service.memory import MemoryBusy, MemoryLimitExceeded
 from he_service.protocol import ProtocolError
 from he_service.registry import ModelUnavailable
-from he_service.serving import KeysDoNotFit, TooManySamples
+from he_service.serving import KeysDoNotFit, TooManySamples, WorkerOutOfMemory
 from he_service.uploads import (
     StagingFull,
     StagingUnavailable,
@@ -58,7 +61,25 @@ ERROR_TABLE: tuple[tuple[type[Exception], Callable[[Any], ServiceError]], ...] =
     (UploadTooLarge, lambda e: PayloadTooLarge("the upload", e.limit, "ciphertexts")),
     (TooManyUploads, lambda e: TooManyRequests(str(e), e.retry_after)),
     (StagingFull, lambda e: NotReady(str(e), e.retry_after)),
-    (StagingUnavailable, lambda e: NotReady(str(e))),
+    (StagingUnavailable, lambda e: NotReady(str(e), e.retry_after)),
+    # Whatever Redis error a backend did not translate: the store is unavailable, not a bug.
+    (redis.RedisError, lambda e: NotReady("a shared store (Redis) is unavailable; retry", 1)),
+    (MemoryBusy, lambda e: NotReady(str(e), e.retry_after)),
+    (
+        MemoryLimitExceeded,
+        lambda e: PayloadTooLarge(
+            f"{e.what} (about {e.needed} bytes of memory)", e.limit, "bytes (memory_budget_bytes)"
+        ),
+    ),
+    (WorkerOutOfMemory, lambda e: NotReady(str(e), retry_after=5)),
+    # Out of memory outside SEAL (Python objects): the request's objects are gone by now.
+    (
+        MemoryError,
+        lambda e: NotReady(
+            "the server ran out of memory for this request; retry later or send fewer samples",
+            retry_after=5,
+        ),
+    ),
 )
 
 

@@ -191,6 +191,8 @@ _HEALTH = {
                 "models": {"type": "array", "items": {"type": "string"}},
                 "refused": {"type": "object", "additionalProperties": {"type": "string"}},
                 "contexts": {"type": "integer", "minimum": 0},
+                # unavailable: the key store did not answer at once (contexts: the last count)
+                "storage": {"type": "string", "enum": ["ok", "unavailable"]},
             },
         }
     }

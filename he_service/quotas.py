@@ -275,22 +275,29 @@ class RedisCounters:
     """Counters in Redis, shared by every process on every host that uses the same server."""
 
     def __init__(
-        self, url: str, *, prefix: str = "he-service:quota:", timeout_seconds: float = 2.0
+        self,
+        url: str,
+        *,
+        prefix: str = "he-service:quota:",
+        timeout_seconds: float | None = None,
     ) -> None:
         """Connect lazily to Redis.
 
         Args:
             url: ``redis://[:password@]host:port/db`` (or ``rediss://`` for TLS).
             prefix: put before every key, so the counters do not collide with other data.
-            timeout_seconds: bounds connecting and every call, so a dead server fails requests
-                quickly (503) instead of hanging workers.
+            timeout_seconds: bounds connecting and every call (default
+                ``redis_link.TIMEOUT_SECONDS``), so a frozen server fails requests quickly
+                (503) instead of hanging workers; while the server's breaker is open, calls
+                fail at once.
         """
         import redis  # the server extra; only needed when Redis is configured
 
+        from he_service.redis_link import TIMEOUT_SECONDS, connect
+
         self._redis_error: type[Exception] = redis.RedisError
-        self._client: Any = redis.Redis.from_url(
-            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
-        )
+        self._link = connect(url, timeout=timeout_seconds or TIMEOUT_SECONDS)
+        self._client: Any = self._link.client
         self._script: Any = self._client.register_script(_INCR_SCRIPT)
         self.prefix = prefix
 
@@ -298,21 +305,26 @@ class RedisCounters:
         self, key: str, amount: int, window_seconds: int, *, limit: int | None = None
     ) -> tuple[int, int]:
         """Add to a count atomically on the server; see ``Counters.incr``."""
+        from he_service.redis_link import RedisDown
+
         _check_incr(amount, window_seconds)
         try:
-            new, ttl_ms = self._script(
-                keys=[self.prefix + key],
-                args=[amount, window_seconds * 1000, -1 if limit is None else limit],
-            )
+            with self._link.guard():
+                new, ttl_ms = self._script(
+                    keys=[self.prefix + key],
+                    args=[amount, window_seconds * 1000, -1 if limit is None else limit],
+                )
+        except RedisDown as exc:
+            raise NotReady(_UNAVAILABLE, exc.retry_after) from None
         except self._redis_error as exc:
             # The URL may hold a password: log the error, never the URL.
             log.warning("quota counters in Redis unavailable: %s", exc)
-            raise NotReady(_UNAVAILABLE) from exc
+            raise NotReady(_UNAVAILABLE, 1) from exc
         return int(new), max(1, math.ceil(int(ttl_ms) / 1000))
 
     def close(self) -> None:
         """Close the connection pool."""
-        self._client.close()
+        self._link.close()
 
 
 def _period(seconds: int) -> str:
@@ -373,13 +385,19 @@ class Quotas:
             is given, else in memory (right for one worker process only).
 
         Raises:
-            sqlite3.Error: the SQLite file cannot be opened.
+            NotReady: the SQLite file (or its directory) cannot be opened or is not a database;
+                the message names the file and the cause, in one line.
         """
         counters: Counters
         if config.redis_url:
             counters = RedisCounters(config.redis_url)
         elif state_dir is not None:
-            counters = SqliteCounters(Path(state_dir) / "quotas.sqlite3")
+            path = Path(state_dir) / "quotas.sqlite3"
+            try:
+                counters = SqliteCounters(path)
+            except (sqlite3.Error, OSError) as exc:
+                cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise NotReady(f"cannot open the quota database {path}: {cause}") from None
         else:
             counters = MemoryCounters()
         return cls(

@@ -16,9 +16,10 @@ from typing import Any
 
 from he_service.artifacts import ArtifactError, ModelArtifact, load_artifact
 from he_service.config import Config
-from he_service.engine import CompileError, ParameterError, compile_model
+from he_service.engine import CompiledModel, CompileError, ParameterError, compile_model
+from he_service.memory import MemoryBudget
 from he_service.protocol import CkksParams, ModelCard, PlanKind, ProtocolError, Task
-from he_service.serving import PlanRefused, ServedPlan, serve_plans
+from he_service.serving import PlanRefused, ServedPlan, resident_bytes, serve_plans
 
 __all__ = ["LoadedModel", "ModelRegistry", "ModelUnavailable", "RegistryError"]
 
@@ -82,12 +83,19 @@ class ModelRegistry:
         self.refused = dict(sorted(refused.items()))
 
     @classmethod
-    def from_directory(cls, root: Path, config: Config) -> ModelRegistry:
+    def from_directory(
+        cls, root: Path, config: Config, budget: MemoryBudget | None = None
+    ) -> ModelRegistry:
         """Load, check and compile every artifact directory under ``root``.
+
+        A model whose compiled plans would not fit what is left of the memory budget is
+        refused (before its weights are encoded), and the others are served.
 
         Args:
             root: the models directory (one artifact per subdirectory).
             config: the server's limits, which the plans' request sizes must fit.
+            budget: the process memory budget; served models hold their estimated resident
+                memory from it for good (default: a new one of ``config.memory_budget()``).
 
         Returns:
             The registry: every servable model, and the reason each other one was refused.
@@ -97,13 +105,20 @@ class ModelRegistry:
         """
         if not root.is_dir():
             raise RegistryError(f"models directory {root} does not exist")
+        budget = MemoryBudget(config.memory_budget()) if budget is None else budget
         models: dict[str, LoadedModel] = {}
         refused: dict[str, str] = {}
         for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             try:
                 artifact = load_artifact(path)
-                plans = serve_plans(compile_model(artifact), config)
-                card = _card(artifact, plans)
+                compiled = compile_model(artifact)
+                needed = _claim(budget, compiled)
+                try:
+                    plans = serve_plans(compiled, config)
+                    card = _card(artifact, plans)
+                except BaseException:
+                    budget.release(needed)
+                    raise
             except (ArtifactError, CompileError, ParameterError, PlanRefused, ProtocolError) as exc:
                 # Health is public: name the artifact's files relative to the models directory.
                 reason = " ".join(str(exc).replace(f"{root}/", "").split())
@@ -141,6 +156,18 @@ class ModelRegistry:
     def __iter__(self) -> Iterator[LoadedModel]:
         return iter(self._models.values())
 
+    def max_galois_keys(self, params: CkksParams) -> int:
+        """Return how many Galois keys a context of these parameters can use here: the
+        distinct rotation steps of the served plans that use them."""
+        steps = {
+            step
+            for m in self._models.values()
+            for p in m.plans.values()
+            if p.params == params
+            for step in p.galois_steps
+        }
+        return len(steps)
+
     def accepts(self, params: CkksParams) -> str | None:
         """Return None if some model uses these parameters, else why the context is useless."""
         served = [p.params for m in self._models.values() for p in m.plans.values()]
@@ -153,6 +180,23 @@ class ModelRegistry:
             "no served model uses these CKKS parameters; make keys with the parameters of "
             f"the model card (served: {'; '.join(offered)})"
         )
+
+
+def _claim(budget: MemoryBudget, compiled: CompiledModel) -> int:
+    """Hold the model's resident memory from the budget and return it, or refuse the model.
+
+    Raises:
+        PlanRefused: the compiled plans do not fit what the served models left of the budget.
+    """
+    needed = resident_bytes(compiled)
+    free = budget.free
+    if not budget.claim(needed):
+        raise PlanRefused(
+            f"its compiled plans need about {needed >> 20} MiB of memory and only {free >> 20} "
+            f"MiB of the {budget.capacity >> 20} MiB memory budget are left "
+            "(memory_budget_bytes); serve it from a server with fewer models or more memory"
+        )
+    return needed
 
 
 def _card(artifact: ModelArtifact, plans: dict[PlanKind, ServedPlan]) -> ModelCard:

@@ -8,10 +8,14 @@ parsing, the card); one subclass per kind wraps its evaluator.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,6 +30,10 @@ from he_service.engine import (
     Plan,
     Timings,
 )
+from he_service.engine.batch.plan import INPUT, BatchAffine, BatchPoly, ciphertext_sizes
+from he_service.engine.batch.stream import STREAM_BYTES
+from he_service.engine.methods import GatherInput, TermPlan
+from he_service.engine.plan import LinearStep
 from he_service.keystore import StoredContext
 from he_service.protocol import (
     BatchDecoding,
@@ -54,6 +62,7 @@ __all__ = [
     "ServedLatency",
     "ServedPlan",
     "TooManySamples",
+    "resident_bytes",
     "serve_plans",
 ]
 
@@ -71,6 +80,43 @@ class KeysDoNotFit(ValueError):
     def __init__(self, message: str, missing: list[int] | None = None) -> None:
         super().__init__(message)
         self.missing = missing or []
+
+
+class WorkerOutOfMemory(MemoryError):
+    """SEAL ran out of memory during a request; this worker process stops after answering.
+
+    SEAL's thread-safe memory pool can stay locked when an allocation fails inside it
+    (``std::bad_alloc`` under its spin lock): the next allocation or release of that size then
+    spins forever at 100% CPU. So the objects of the failed request are never released, the
+    request gets a 503, and the worker stops (SIGTERM to itself: gunicorn starts a fresh one;
+    a single waitress process exits for its supervisor to restart).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the server ran out of memory for this request; this worker restarts: retry in a "
+            "few seconds, or send fewer samples per request"
+        )
+
+
+# Exceptions (with the frames that hold the failed request's SEAL objects) never released.
+_RETAINED: list[BaseException] = []
+_STOP_DELAY_SECONDS = 1.0
+
+
+@contextlib.contextmanager
+def _seal_memory() -> Iterator[None]:
+    try:
+        yield
+    except WorkerOutOfMemory:
+        raise
+    except MemoryError as exc:
+        _RETAINED.append(exc)
+        log.error("out of memory during an evaluation: this worker stops after answering 503")
+        stop = threading.Timer(_STOP_DELAY_SECONDS, os.kill, (os.getpid(), signal.SIGTERM))
+        stop.daemon = True
+        stop.start()
+        raise WorkerOutOfMemory() from None
 
 
 class TooManySamples(ValueError):
@@ -189,6 +235,35 @@ class ServedPlan(ABC):
         """Return the plan's card: parameters, encodings, limits, costs."""
         return self._card
 
+    def _ciphertext_memory(self, limbs: int | None = None, polys: int = 2) -> int:
+        """Return the memory of one loaded ciphertext (SEAL holds 64-bit words, no seed)."""
+        limbs = self.params.data_primes if limbs is None else limbs
+        return polys * limbs * self.params.poly_modulus_degree * 8
+
+    def request_memory_bytes(self, count: int) -> int:
+        """Estimate the peak memory of a request of ``count`` input ciphertexts.
+
+        ``read`` copies the body's frames and loads every unit before ``run`` evaluates them
+        one at a time, and ``answer`` holds the outputs twice (serialized, then framed): frames
+        + inputs + one unit's working set + outputs, plus an eighth for SEAL's and the
+        allocator's slack (measured: ``benchmarks/memory_faults.py batch``).
+        """
+        units = max(1, count // self.inputs_per_unit)
+        frames = count * self.params.ciphertext_bytes(seeded=True)
+        inputs = count * self._ciphertext_memory()
+        outputs = units * self.outputs_per_unit * self._ciphertext_memory() * 3
+        total = frames + inputs + self.unit_working_bytes() + outputs
+        return total + total // 8
+
+    @property
+    @abstractmethod
+    def outputs_per_unit(self) -> int:
+        """Return the output ciphertexts of one unit."""
+
+    @abstractmethod
+    def unit_working_bytes(self) -> int:
+        """Estimate what evaluating one unit holds beyond its inputs and outputs."""
+
     def check_keys(self, keys: StoredContext) -> None:
         """Refuse a context that cannot evaluate this plan.
 
@@ -285,7 +360,16 @@ class ServedPlan(ABC):
         for part in parts:
             for item in decode_frames(part, max_items=max(1, count - index)):
                 what = f"input ciphertext {index}"
-                unit.append(load_seal(seal.Ciphertext, item, self.context, what=what))
+                with _seal_memory():
+                    unit.append(
+                        load_seal(
+                            seal.Ciphertext,
+                            item,
+                            self.context,
+                            what=what,
+                            max_bytes=self.max_ciphertext_bytes,
+                        )
+                    )
                 index += 1
                 if len(unit) == per_unit:
                     self.check(unit)
@@ -297,12 +381,17 @@ class ServedPlan(ABC):
         return EncryptedRequest(loaded)
 
     def run(self, request: EncryptedRequest, keys: StoredContext, timings: Timings) -> Ciphertexts:
-        """Evaluate every unit of a request; return the output ciphertexts in order."""
-        return [
-            ct
-            for unit in request.units
-            for ct in self.evaluate(unit, keys.relin_keys, keys.galois_keys, timings)
-        ]
+        """Evaluate every unit of a request; return the output ciphertexts in order.
+
+        Raises:
+            WorkerOutOfMemory: SEAL ran out of memory (503; the worker stops).
+        """
+        with _seal_memory():
+            return [
+                ct
+                for unit in request.units
+                for ct in self.evaluate(unit, keys.relin_keys, keys.galois_keys, timings)
+            ]
 
     def answer(self, outputs: Ciphertexts, timings: Timings) -> bytes:
         """Serialize output ciphertexts into the response body."""
@@ -353,8 +442,20 @@ class ServedLatency(ServedPlan):
             details=summary,
             config=config,
         )
+        self._plan = plan
+        self._rotations = int(summary["rotations"])
         self._evaluator = EncryptedEvaluator(plan)
         self.context = self._evaluator.context
+
+    @property
+    def outputs_per_unit(self) -> int:
+        return 1
+
+    def unit_working_bytes(self) -> int:
+        # Every node's value may be live at once, and the rotated copies of a baby-step set
+        # (bounded by the rotations); products are 3-polynomial before relinearization.
+        values = len(self._plan.steps) + self._rotations + 2
+        return values * self._ciphertext_memory(polys=3)
 
     def check(self, unit: Ciphertexts) -> None:
         self._evaluator.check_inputs(unit)
@@ -396,8 +497,53 @@ class ServedBatch(ServedPlan):
             details=summary,
             config=config,
         )
+        self._plan = plan
         self._evaluator = BatchEvaluator(plan)
         self.context = self._evaluator.context
+        self._working = self._working_bytes()
+
+    @property
+    def outputs_per_unit(self) -> int:
+        return self._plan.output_length
+
+    def unit_working_bytes(self) -> int:
+        return self._working
+
+    def _working_bytes(self) -> int:
+        """Walk the layers as the evaluator does: a value lives from its layer to its last
+        reader; a streamed layer and its activation hold one chunk instead of their width."""
+        plan, degree = self._plan, self.params.poly_modulus_degree
+        sizes = ciphertext_sizes(plan.layers)
+        streamed: set[int] = set()
+        for stream in getattr(self._evaluator, "_streams", {}).values():
+            streamed |= {stream.source, stream.poly}
+        last_read = {value: readers[-1] for value, readers in plan.readers().items() if readers}
+        limbs = {INPUT: self.params.data_primes}
+        live: dict[int, int] = {}
+        peak = 0
+        for index, layer in enumerate(plan.layers):
+            if isinstance(layer, BatchPoly):
+                width, limbs[index] = len(self._width(layer.source)), limbs[layer.source]
+            else:
+                width, limbs[index] = layer.rows, self.params.data_primes - layer.level
+            if index in streamed:
+                live[index] = STREAM_BYTES // 2
+            else:
+                live[index] = width * sizes[index] * limbs[index] * degree * 8
+            # The inputs are counted by request_memory_bytes; values past their last reader go.
+            peak = max(peak, sum(live.values()))
+            for value in [v for v in live if last_read.get(v, len(plan.layers)) <= index]:
+                del live[value]
+        return peak
+
+    def _width(self, value: int) -> range:
+        """Return the ciphertexts of a value (the request's features for ``INPUT``)."""
+        if value == INPUT:
+            return range(self._plan.input_length)
+        layer = self._plan.layers[value]
+        if isinstance(layer, BatchAffine):
+            return range(layer.rows)
+        return self._width(layer.source)
 
     def check(self, unit: Ciphertexts) -> None:
         self._evaluator.check_inputs(unit)
@@ -410,6 +556,38 @@ class ServedBatch(ServedPlan):
         timings: Timings,
     ) -> Ciphertexts:
         return self._evaluator.evaluate(unit, relin_keys, timings)  # no rotations, no Galois keys
+
+
+def resident_bytes(compiled: CompiledModel) -> int:
+    """Estimate what a model's served plans hold for as long as it is served, before building.
+
+    The latency plan keeps every weight diagonal encoded as a plaintext at its level (8 bytes
+    per coefficient and prime); the batch plan keeps integer weights per prime of its level.
+    """
+    latency = compiled.latency
+    degree, primes = latency.params.poly_modulus_degree, latency.params.data_primes
+    total = 0
+    for step in latency.steps:
+        limbs = primes - step.level
+        if isinstance(step, LinearStep):
+            plaintexts = sum(_plaintext_count(term) for term in step.terms) + 1  # + the bias
+        else:
+            plaintexts = 4  # the polynomial's scalar constants, encoded as plaintexts
+        total += plaintexts * limbs * degree * 8
+    batch = compiled.batch
+    for layer in batch.layers:
+        if isinstance(layer, BatchAffine):
+            limbs = batch.params.data_primes - layer.level
+            weights = sum(int(term.weights.size) for term in layer.terms) + layer.rows
+            total += weights * limbs * 8
+    return total
+
+
+def _plaintext_count(term: TermPlan) -> int:
+    product = term.product
+    if isinstance(product, GatherInput):
+        return len(product.plaintexts)
+    return len(product.diagonals)  # one plaintext per diagonal, without computing them
 
 
 def serve_plans(compiled: CompiledModel, config: Config) -> dict[PlanKind, ServedPlan]:

@@ -407,7 +407,7 @@ def _fit(
 
     def function(points: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return module(torch.from_numpy(np.ascontiguousarray(points))).numpy()
+            return np.asarray(module(torch.from_numpy(np.ascontiguousarray(points))).numpy())
 
     if degree is not None:
         return fit_polynomial(function, samples, degree), True

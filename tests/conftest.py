@@ -32,6 +32,34 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("HE_SERVICE_REDIS_URL", None)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compile_each_artifact_once() -> Iterator[None]:
+    """Compile each artifact once per test run, however many apps the tests create.
+
+    Compiling is deterministic and the compiled model is read-only, so the apps of different
+    tests may share it; the five shipped models take about 20 s to compile, which every
+    module's ``create_app`` would otherwise pay again. Keyed by the folder and the manifest, which
+    holds the weights' sha256 (the loader checks it).
+    """
+    import json
+
+    from he_service import registry
+    from he_service.engine import CompiledModel
+
+    compile_model = registry.compile_model
+    compiled: dict[str, CompiledModel] = {}
+
+    def once(artifact: ModelArtifact) -> CompiledModel:
+        key = f"{artifact.path}\n{json.dumps(artifact.manifest, sort_keys=True)}"
+        if key not in compiled:
+            compiled[key] = compile_model(artifact)
+        return compiled[key]
+
+    registry.compile_model = once  # type: ignore[assignment]
+    yield
+    registry.compile_model = compile_model  # type: ignore[assignment]
+
+
 @pytest.fixture(scope="session")
 def mnist_artifact() -> ModelArtifact:
     return load_artifact(MNIST_DIR)

@@ -8,17 +8,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ from he_service.artifacts import load_artifact
 from he_service.config import DEFAULT_MODELS_DIR
 from he_service.engine import forward_plain
 from he_service.protocol import ModelCard, encode_frames, preprocess
+from tests.front_attack import SlowSockets
 
 BREAST, MNIST = "breast-cancer-mlp", "mnist-cnn"
 # Samples whose plaintext top-two logits are closer than this are left out: CKKS noise (about
@@ -101,18 +104,39 @@ def supports_workers() -> bool:
     return "--workers" in serve_help()
 
 
+def shipped_subset(directory: Path, names: Iterable[str]) -> Path:
+    """Return a models folder in ``directory`` that links only these shipped models.
+
+    A server compiles every model it serves before it answers (the five shipped ones take
+    about 25 s); a test that needs two need not wait for the rest.
+    """
+    folder = directory / "models"
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        link = folder / name
+        if not link.exists():
+            link.symlink_to(DEFAULT_MODELS_DIR / name, target_is_directory=True)
+    return folder
+
+
 def start_server(
-    directory: Path, *, workers: int | None, env: dict[str, str] | None = None
+    directory: Path,
+    *,
+    workers: int | None,
+    env: dict[str, str] | None = None,
+    models: Iterable[str] = (BREAST, MNIST),
 ) -> ServedProcess:
     """Start ``python -m he_service.cli serve`` on a free port and wait until it has settled.
 
-    Healthy means one worker answers; the others may still be compiling their models, so the
-    server counts as started once its process tree's memory has stopped growing too.
+    It serves the shipped ``models`` only (the load mix needs no others). Healthy means one
+    worker answers; the others may still be compiling their models, so the server counts as
+    started once its process tree's memory has stopped growing too.
     """
     port = _free_port()
     log = directory / "server.log"
     environ = {
         **os.environ,
+        "HE_SERVICE_MODELS_DIR": str(shipped_subset(directory, models)),
         "HE_SERVICE_KEY_STORE_DIR": str(directory / "contexts"),
         "HE_SERVICE_API_TOKENS": "",  # the tokenless quick start: no quotas either
         "PYTHONUNBUFFERED": "1",
@@ -514,6 +538,7 @@ class LoadReport:
     rss: RssSampler
     server_errors: list[str]
     warm_up_requests: int
+    kills: int = 0  # workers killed by the faults mode
 
     @property
     def requests(self) -> int:
@@ -556,7 +581,7 @@ class LoadReport:
             "  " + "; ".join(f"{k}: {n}" for k, n in sorted(by_route.items())),
             f"errors by kind: {self._errors_by_kind()}",
             f"unexpected: {self.stats.count('unexpected')} client-side, "
-            f"{len(self.server_errors)} server log lines",
+            f"{len(self.server_errors)} server log lines; workers killed: {self.kills}",
             f"server RSS (sum over {max(n for _, _, n in self.rss.samples)} process(es), "
             f"{len(self.rss.samples)} samples): peak {self.rss.peak / mib:.0f} MiB; "
             f"first third {first / mib:.0f} MiB, last third {last / mib:.0f} MiB, "
@@ -582,10 +607,63 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return float(np.percentile(ordered, 50)), float(np.percentile(ordered, 99))
 
 
+class WorkerKills:
+    """A fault for a load run: SIGKILL one gunicorn worker every ``every`` seconds.
+
+    Only while every worker is up and older than ``min_age`` (a new worker compiles its models
+    first), so one worker always serves; the SDK's retries must carry the calls the kill drops.
+    """
+
+    def __init__(self, server: ServedProcess, every: float = 15.0, min_age: float = 10.0) -> None:
+        self.server, self.every, self.min_age = server, every, min_age
+        self.kills = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker-kills", daemon=True)
+
+    def _workers(self) -> list[int]:
+        return [p for p in self.server.pids() if p != self.server.process.pid]
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            workers = self._workers()
+            if len(workers) == self.server.workers and min(map(_age, workers)) > self.min_age:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(random.choice(workers), signal.SIGKILL)
+                    self.kills += 1
+
+    def __enter__(self) -> WorkerKills:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _age(pid: int) -> float:
+    """Return the seconds since process ``pid`` started (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except OSError:
+        return 0.0
+    return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
 def run_load(
-    server: ServedProcess, workload: Workload, *, seconds: float, threads: int, seed: int = 0
+    server: ServedProcess,
+    workload: Workload,
+    *,
+    seconds: float,
+    threads: int,
+    seed: int = 0,
+    faults: bool = False,
 ) -> LoadReport:
-    """Run ``threads`` workers against the server for ``seconds``; sample its memory meanwhile."""
+    """Run ``threads`` workers against the server for ``seconds``; sample its memory meanwhile.
+
+    With ``faults``, the run also keeps 50 slow connections trickling (``SlowSockets``) and,
+    with several workers, kills one with SIGKILL every 15 s (``WorkerKills``).
+    """
     stats, http = Stats(), HttpLog()
     workers = [Worker(server.url, workload, stats, http, seed + i) for i in range(threads)]
     with RssSampler(server.pids) as rss:
@@ -606,15 +684,33 @@ def run_load(
             for i, w in enumerate(workers)
         ]
         start = time.monotonic()
-        for thread in pool:
-            thread.start()
-        for thread in pool:
-            thread.join()
+        with contextlib.ExitStack() as stack:
+            kills = None
+            if faults:
+                port = int(server.url.rsplit(":", 1)[1])
+                stack.enter_context(SlowSockets(port, 50))
+                if server.workers > 1:
+                    kills = stack.enter_context(WorkerKills(server))
+            for thread in pool:
+                thread.start()
+            for thread in pool:
+                thread.join()
         elapsed = time.monotonic() - start
     if server.process.poll() is not None:
         stats.record("server", 0.0, "unexpected", f"server exited with {server.process.returncode}")
+    errors = server.server_errors()
+    if faults:  # gunicorn reports each kill as an error line; nothing else may be one
+        errors = [line for line in errors if "SIGKILL" not in line]
     return LoadReport(
-        elapsed, threads, server.workers, stats, http, rss, server.server_errors(), warm_requests
+        elapsed,
+        threads,
+        server.workers,
+        stats,
+        http,
+        rss,
+        errors,
+        warm_requests,
+        kills.kills if kills is not None else 0,
     )
 
 
@@ -636,13 +732,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--faults", action="store_true", help="slow sockets and worker kills")
     args = parser.parse_args(argv)
     with (
         tempfile.TemporaryDirectory(prefix="he-load-") as tmp,
         served(Path(tmp), workers=args.workers) as server,
     ):
         report = run_load(
-            server, Workload.prepare(server.url), seconds=args.seconds, threads=args.threads
+            server,
+            Workload.prepare(server.url),
+            seconds=args.seconds,
+            threads=args.threads,
+            faults=args.faults,
         )
         print(report.table())
     return 1 if report.unexpected else 0

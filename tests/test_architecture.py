@@ -66,6 +66,7 @@ def test_public_apis_are_pinned() -> None:
             "ParameterMismatchError",
             "PayloadTooLargeError",
             "RateLimitedError",
+            "Retry",
             "ServerError",
             "ServiceUnavailableError",
             "TransportError",

@@ -8,8 +8,9 @@ stay healthy, and its memory (the server process and its workers, sampled every 
 not keep growing once warm.
 
 The default run (~15 s) is part of the normal suite; ``pytest -m long tests/test_load.py`` runs
-the 60-second one. ``-s`` prints the summary table; the figures are also recorded as JUnit
-properties. The machinery lives in ``tests/load_client.py``.
+the 60-second one, and the same again under faults (50 slow connections, a gunicorn worker
+killed every 15 s: the SDK's retries must carry every call). ``-s`` prints the summary table;
+the figures are also recorded as JUnit properties. The machinery lives in ``tests/load_client.py``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def workload(server: ServedProcess) -> Workload:
     return Workload.prepare(server.url)  # keys generated once, shared by every client thread
 
 
-def _check(report: LoadReport, server: ServedProcess, record_property: Any) -> None:
+def _check(
+    report: LoadReport, server: ServedProcess, record_property: Any, *, faults: bool = False
+) -> None:
     print("\n" + report.table())
     growth, fraction = report.rss_growth()
     first, last = report.rss.thirds()
@@ -98,6 +101,8 @@ def _check(report: LoadReport, server: ServedProcess, record_property: Any) -> N
     )
     new = report.stats.outcomes["upload new keys"]["ok"]
     assert created == new, f"{created} contexts created during the run, {new} of them new keys"
+    if faults:
+        return  # killed workers are replaced by new ones: memory starts over, growth means nothing
     assert growth < MAX_GROWTH_BYTES and fraction < MAX_GROWTH_FRACTION, (
         f"server RSS grew by {growth / 2**20:.0f} MiB ({fraction:.1%}) between the first and "
         f"the last third of the run; bound: {MAX_GROWTH_BYTES >> 20} MiB and "
@@ -118,6 +123,19 @@ def test_load_mixed_clients_long(
 ) -> None:
     report = run_load(server, workload, seconds=LONG_SECONDS, threads=THREADS, seed=1000)
     _check(report, server, record_property)
+
+
+@pytest.mark.long
+def test_load_mixed_clients_long_with_faults(
+    server: ServedProcess, workload: Workload, record_property: Any
+) -> None:
+    """The long run again with 50 slow connections and a worker SIGKILLed every 15 s."""
+    report = run_load(
+        server, workload, seconds=LONG_SECONDS, threads=THREADS, seed=2000, faults=True
+    )
+    _check(report, server, record_property, faults=True)
+    if server.workers > 1:
+        assert report.kills, "no worker was killed: the run proved nothing"
 
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["waitress", "gunicorn"])

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.cli import _free_port
-from tests.load_client import process_tree
+from tests.load_client import process_tree, shipped_subset
 
 pytestmark = [
     pytest.mark.slow,
@@ -56,6 +56,7 @@ def _start(tmp_path: Path, workers: int, settings: dict[str, str] | None = None)
     log = tmp_path / f"server-{workers}.log"
     env = {
         **os.environ,
+        "HE_SERVICE_MODELS_DIR": str(shipped_subset(tmp_path, ["breast-cancer-mlp"])),
         "HE_SERVICE_KEY_STORE_DIR": str(tmp_path / "contexts"),
         "HE_SERVICE_API_TOKENS": "",
         "PYTHONUNBUFFERED": "1",

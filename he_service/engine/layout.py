@@ -101,4 +101,4 @@ class Layout:
 
     def decode(self, slots: np.ndarray) -> np.ndarray:
         """Return the element values read from a slot vector (first copy)."""
-        return np.asarray(slots)[self.positions]
+        return np.asarray(np.asarray(slots)[self.positions])

@@ -149,4 +149,4 @@ def _weight_scale(
     if isinstance(after.step, SquareStep):
         return math.sqrt(first * scale) / scale
     second = data[-2 - level]
-    return (first**2 * second * scale) ** 0.25 / scale
+    return float((first**2 * second * scale) ** 0.25 / scale)

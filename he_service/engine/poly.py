@@ -35,7 +35,7 @@ class SquareStep:
         return 2
 
     def simulate(self, x: np.ndarray) -> np.ndarray:
-        return x * x
+        return np.asarray(x * x)
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class CubicStep:
         return 3
 
     def simulate(self, x: np.ndarray) -> np.ndarray:
-        return x * x * (self.c3 * x + self.c2) + self.c1 * x
+        return np.asarray(x * x * (self.c3 * x + self.c2) + self.c1 * x)
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class QuarticStep:
         return 4
 
     def simulate(self, x: np.ndarray) -> np.ndarray:
-        return (x * x + self.k) ** 2 + self.m * x
+        return np.asarray((x * x + self.k) ** 2 + self.m * x)
 
 
 PolyStep = SquareStep | CubicStep | QuarticStep

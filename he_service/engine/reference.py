@@ -15,7 +15,7 @@ def conv2d(x: np.ndarray, layer: Conv2d) -> np.ndarray:
     patches = _im2col(x, (kh, kw), layer.stride, layer.padding)
     out = layer.weight.reshape(out_channels, -1) @ patches + layer.bias[:, None]
     out_h = (x.shape[1] + 2 * layer.padding[0] - kh) // layer.stride[0] + 1
-    return out.reshape(out_channels, out_h, -1)
+    return np.asarray(out.reshape(out_channels, out_h, -1))
 
 
 def _im2col(

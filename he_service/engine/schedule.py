@@ -295,10 +295,10 @@ class NumpyBackend(Generic[T]):
         return np.roll(value, -step)
 
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return a + b
+        return np.asarray(a + b)
 
     def multiply(self, value: np.ndarray, diagonal: int) -> np.ndarray:
-        return value * self.plaintexts[diagonal]
+        return np.asarray(value * self.plaintexts[diagonal])
 
 
 def box_points(box: Box) -> Iterator[Coords]:

@@ -12,14 +12,21 @@ an open file keeps its data even if another process deletes or replaces it meanw
 ``.json`` file is the commit record: it is written after the ``.bin`` file and removed before
 it, so an entry whose record exists has its bytes unless a process died in between (the entry
 then counts as absent and the next ``store`` removes the leftover). Reads take no lock; a use only
-updates the record's mtime (one ``utime`` call).
+updates the record's mtime (one ``utime`` call), and is not recorded at all when the storage
+cannot be written (read-only, full): reads keep being served, writes answer 503.
+
+Temporary files are named ``.tmp-<pid>-<random>``: a write that fails removes its own, and
+opening the store removes those of processes that no longer exist (a crash, ``kill -9``), so a
+full disk recovers by itself once space is freed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 import tempfile
 import time
@@ -39,8 +46,11 @@ from he_service.keystore._backend import (
 
 __all__ = ["DiskBackend"]
 
+log = logging.getLogger(__name__)
+
 _TMP_PREFIX = ".tmp-"
-# Temporary files are written outside the lock; one older than this belongs to a dead process.
+# Temporary files are written outside the lock; one older than this belongs to a dead process
+# (the sweep at start-up does not wait: it reads the writer's pid from the name).
 _STALE_TMP_SECONDS = 3600.0
 _MAX_RECORD_BYTES = 1 << 16
 
@@ -49,11 +59,30 @@ class DiskBackend(StorageBackend):
     """Store contexts as files under ``directory`` (created with mode 0700 if missing)."""
 
     def __init__(self, directory: Path) -> None:
+        """Open the store, creating its directory, and remove dead writers' temporary files.
+
+        A store that can be read but not written (read-only, full) opens: it serves what it
+        holds and answers writes with 503.
+
+        Raises:
+            NotReady: the directory cannot be created, is not a directory, or cannot be read.
+        """
         self.directory = Path(directory)
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise NotReady(f"cannot create the context store directory: {exc.strerror}") from None
+            raise NotReady(
+                f"cannot create the context store directory {self.directory}: {exc.strerror}"
+            ) from None
+        if not os.access(self.directory, os.R_OK | os.X_OK):
+            raise NotReady(f"the context store directory {self.directory} cannot be read")
+        try:
+            removed = self.sweep_temporary_files()
+        except (OSError, NotReady) as exc:
+            log.warning("the context store %s is not writable: %s", self.directory, exc)
+        else:
+            if removed:
+                log.info("removed %d temporary files of dead processes", removed)
 
     def __repr__(self) -> str:
         return f"DiskBackend({str(self.directory)!r})"
@@ -92,7 +121,7 @@ class DiskBackend(StorageBackend):
                 self._write_record(record_path, info, now)
                 return True
         except OSError as exc:
-            raise NotReady(f"the context store cannot write: {exc.strerror}") from None
+            raise _write_error(exc) from None
         finally:
             if not moved:
                 _unlink(Path(tmp))
@@ -104,12 +133,20 @@ class DiskBackend(StorageBackend):
         info = _read_record(record_path)
         if info is None or info.owner != owner or not blob_path.exists():
             return None
-        if info.expires_at <= now or expires_at is not None:
+        if info.expires_at <= now and expires_at is None:
+            try:
+                return self._touch_locked(record_path, now, None)
+            except NotReady:
+                return None  # cannot remove it now (read-only): it is expired all the same
+        if expires_at is not None:
             return self._touch_locked(record_path, now, expires_at)
         try:
             os.utime(record_path, ns=(_ns(now), _ns(now)))
         except FileNotFoundError:
             return None  # deleted or evicted by another process just now
+        except OSError as exc:
+            # Read-only or full storage: serve the read; the entry's LRU age stays as it was.
+            log.debug("cannot mark context %s… used: %s", context_id[:12], exc.strerror)
         return replace(info, last_used=now)
 
     def read(self, owner: str, context_id: str) -> bytes | None:
@@ -121,9 +158,12 @@ class DiskBackend(StorageBackend):
 
     def delete(self, owner: str, context_id: str, *, now: float) -> bool:
         record_path, _ = self._paths(owner, context_id)
-        with self._locked():
-            info = _read_record(record_path)
-            self._remove(record_path)
+        try:
+            with self._locked():
+                info = _read_record(record_path)
+                self._remove(record_path)
+        except OSError as exc:
+            raise _write_error(exc) from None
         return info is not None and info.owner == owner and info.expires_at > now
 
     def stats(self, *, now: float) -> tuple[int, int]:
@@ -138,13 +178,17 @@ class DiskBackend(StorageBackend):
             if info is None:
                 return None
             if info.expires_at <= now:
-                self._remove(record_path)
+                try:
+                    self._remove(record_path)
+                except OSError as exc:
+                    raise _write_error(exc) from None
                 return None
             if expires_at is not None:
                 info = replace(info, expires_at=expires_at)
                 self._write_record(record_path, info, now)
             else:
-                os.utime(record_path, ns=(_ns(now), _ns(now)))
+                with contextlib.suppress(OSError):  # read-only: the read is served regardless
+                    os.utime(record_path, ns=(_ns(now), _ns(now)))
             return replace(info, last_used=now)
 
     def _paths(self, owner: str, context_id: str) -> tuple[Path, Path]:
@@ -159,7 +203,7 @@ class DiskBackend(StorageBackend):
         try:
             fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise NotReady(f"the context store is not usable: {exc.strerror}") from None
+            raise _write_error(exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -194,7 +238,10 @@ class DiskBackend(StorageBackend):
                     _unlink(path)  # bytes of an entry whose record is gone
                 elif item.name.startswith(_TMP_PREFIX):
                     with contextlib.suppress(FileNotFoundError):
-                        if wall - item.stat().st_mtime > _STALE_TMP_SECONDS:
+                        if (
+                            _writer_is_dead(item.name)
+                            or wall - item.stat().st_mtime > _STALE_TMP_SECONDS
+                        ):
                             _unlink(path)
         return live
 
@@ -202,14 +249,35 @@ class DiskBackend(StorageBackend):
         _unlink(record_path)  # the record first: from here on the entry does not exist
         _unlink(record_path.with_suffix(".bin"))
 
+    def sweep_temporary_files(self) -> int:
+        """Remove temporary files whose writer process is gone; return how many.
+
+        Raises:
+            NotReady: the store cannot be locked (read-only, or not ours).
+            OSError: a file cannot be removed.
+        """
+        removed = 0
+        with self._locked():
+            for folder in _scandir(self.directory):
+                if not (is_context_id(folder.name) and folder.is_dir(follow_symlinks=False)):
+                    continue
+                for item in _scandir(Path(folder.path)):
+                    if item.name.startswith(_TMP_PREFIX) and _writer_is_dead(item.name):
+                        _unlink(Path(item.path))
+                        removed += 1
+        return removed
+
     def _write_tmp(self, folder: Path, data: bytes) -> str:
+        tmp = None
         try:
             folder.mkdir(mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=folder)  # mode 0600
+            fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=folder)  # mode 0600
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
         except OSError as exc:
-            raise NotReady(f"the context store cannot write: {exc.strerror}") from None
+            if tmp is not None:  # a full disk must not stay full because of our leftovers
+                _unlink(Path(tmp))
+            raise _write_error(exc) from None
         return tmp
 
     def _write_record(self, record_path: Path, info: EntryInfo, now: float) -> None:
@@ -224,9 +292,52 @@ class DiskBackend(StorageBackend):
         try:
             os.utime(tmp, ns=(_ns(now), _ns(now)))  # mtime survives the rename
             os.replace(tmp, record_path)
+        except OSError as exc:
+            raise _write_error(exc) from None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+def _tmp_prefix() -> str:
+    return f"{_TMP_PREFIX}{os.getpid()}-"
+
+
+def _writer_is_dead(name: str) -> bool:
+    """Return whether the temporary file ``name`` (``.tmp-<pid>-...``) belongs to no process.
+
+    Names without a pid (older versions) are left to the age-based sweep of ``store``.
+    """
+    pid_text = name[len(_TMP_PREFIX) :].split("-", 1)[0]
+    if not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+def _write_error(exc: OSError) -> NotReady:
+    """Return the 503 for a write the storage refused, naming the condition."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return NotReady(
+            f"the context store is full ({exc.strerror}); uploads resume when space is freed. "
+            "Stored contexts can still be used",
+            retry_after=30,
+        )
+    if exc.errno == errno.EROFS:
+        return NotReady(
+            "the context store is read-only; uploads and deletions resume when it is writable. "
+            "Stored contexts can still be used",
+            retry_after=30,
+        )
+    return NotReady(f"the context store cannot write: {exc.strerror}", retry_after=5)
 
 
 def _read_record(path: Path) -> EntryInfo | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from he_service.errors import NotReady
 from he_service.keystore._backend import EntryInfo, StorageBackend, check_context_id, owner_key
+from he_service.redis_link import TIMEOUT_SECONDS, RedisDown, connect
 
 __all__ = ["RedisBackend"]
 
@@ -136,25 +137,27 @@ class RedisBackend(StorageBackend):
     Args:
         url: the server, as ``redis.Redis.from_url`` takes it.
         prefix: prepended to every key, so several services can share one database.
-        socket_timeout: seconds before a stalled command fails (reported as ``NotReady``).
+        socket_timeout: seconds before a stalled command fails (reported as ``NotReady``);
+            commands that carry a context may take ``BULK_TIMEOUT_SECONDS``. While the
+            server's breaker is open (see ``he_service.redis_link``) calls fail at once.
     """
 
     def __init__(
-        self, url: str, *, prefix: str = DEFAULT_PREFIX, socket_timeout: float = 30.0
+        self, url: str, *, prefix: str = DEFAULT_PREFIX, socket_timeout: float = TIMEOUT_SECONDS
     ) -> None:
         import redis  # the "server" extra; only needed when a Redis URL is configured
 
         self._errors: tuple[type[Exception], ...] = (redis.RedisError,)
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=min(socket_timeout, 5.0)
-        )
+        self._link = connect(url, timeout=socket_timeout)
+        self._client = self._link.client
         self._prefix = prefix
         self._keys = [prefix + "lru", prefix + "sizes"]
-        self._store = self._client.register_script(_STORE)
+        # Only this script carries the bytes; the others are small and fail fast.
+        self._store = self._link.bulk.register_script(_STORE)
         self._touch = self._client.register_script(_TOUCH)
         self._delete = self._client.register_script(_DELETE)
         self._stats = self._client.register_script(_STATS)
-        self._where = self._client.connection_pool.connection_kwargs.get("host", "redis")
+        self._where = self._link.where
 
     def __repr__(self) -> str:
         return f"RedisBackend(host={self._where!r}, prefix={self._prefix!r})"
@@ -211,7 +214,7 @@ class RedisBackend(StorageBackend):
         return int(count), int(total)
 
     def close(self) -> None:
-        self._client.close()
+        self._link.close()
 
     def _common(self, owner: str, context_id: str, now: float) -> list[Any]:
         return [self._prefix, repr(now), f"{owner_key(owner)}:{check_context_id(context_id)}"]
@@ -223,10 +226,16 @@ class RedisBackend(StorageBackend):
     @contextmanager
     def _reporting(self) -> Iterator[None]:
         try:
-            yield
+            with self._link.guard():
+                yield
+        except RedisDown as exc:
+            raise NotReady(
+                f"the context store is unavailable: {exc}; retry later", exc.retry_after
+            ) from None
         except self._errors as exc:
             raise NotReady(
-                f"the context store (Redis at {self._where}) is unavailable: {exc}; retry later"
+                f"the context store (Redis at {self._where}) is unavailable: {exc}; retry later",
+                1,
             ) from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -15,6 +16,7 @@ import tenseal.sealapi as seal
 
 from he_service.errors import BadRequest, ParameterMismatch, PayloadTooLarge, ServiceError
 from he_service.keystore._backend import StorageBackend, is_context_id
+from he_service.memory import MemoryBudget
 from he_service.protocol import (
     CkksParams,
     ProtocolError,
@@ -79,6 +81,9 @@ class KeyStore:
         cache_bytes: bound on the estimated memory (``loaded_key_bytes``) of the contexts this
             worker keeps loaded; an upload whose loaded keys alone exceed it is refused.
         clock: seconds since the epoch (tests pass a fake one).
+        max_galois_keys: how many Galois keys the served plans of given parameters can use;
+            an upload listing more is refused before any key is inflated.
+        budget: the process memory budget; loading keys reserves their size bounds from it.
     """
 
     def __init__(
@@ -92,8 +97,12 @@ class KeyStore:
         cache_entries: int,
         cache_bytes: int | None = None,
         clock: Callable[[], float] = time.time,
+        max_galois_keys: Callable[[CkksParams], int] | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.backend = backend
+        self._max_galois_keys = max_galois_keys
+        self._budget = budget
         self._max_bytes, self._max_entries, self._ttl = max_bytes, max_entries, ttl_seconds
         self._accepts = accepts
         self._clock = clock
@@ -107,6 +116,8 @@ class KeyStore:
         accepts: Callable[[CkksParams], str | None],
         *,
         clock: Callable[[], float] = time.time,
+        max_galois_keys: Callable[[CkksParams], int] | None = None,
+        budget: MemoryBudget | None = None,
     ) -> KeyStore:
         """Build the store a configuration describes: Redis if ``redis_url``, else a directory.
 
@@ -129,6 +140,8 @@ class KeyStore:
             accepts=accepts,
             cache_entries=config.key_cache_entries,
             clock=clock,
+            max_galois_keys=max_galois_keys,
+            budget=budget,
         )
 
     def __len__(self) -> int:
@@ -254,20 +267,44 @@ class KeyStore:
             refusal = self._accepts(bundle.params)
             if refusal is not None:
                 raise ParameterMismatch(refusal)
+            if self._max_galois_keys is not None:
+                usable = self._max_galois_keys(bundle.params)
+                if len(bundle.galois_steps) > usable:
+                    raise BadRequest(
+                        f"context refused: it lists {len(bundle.galois_steps)} Galois keys; the "
+                        f"models with these parameters use {usable}: make keys for the steps "
+                        "of the model card"
+                    )
         key_count = 1 + len(bundle.galois_steps)
         memory = loaded_key_bytes(bundle.params, key_count)
         if check and memory > self._cache_bytes:
             raise PayloadTooLarge("the loaded keys of this context", self._cache_bytes)
         context = seal_context(bundle.params)
+        # Loading holds one inflated section (a scratch file in memory) and the loaded keys.
+        scratch = max(bundle.max_section_bytes(name) for name in bundle.sections)
+        reservation = (
+            self._budget.reserve(memory + scratch, "loading this context")
+            if self._budget is not None
+            else contextlib.nullcontext()
+        )
         try:
-            relin = load_seal(
-                seal.RelinKeys, bundle.sections["relin_keys"], context, what="relin_keys"
-            )
-            galois = None
-            if "galois_keys" in bundle.sections:
-                galois = load_seal(
-                    seal.GaloisKeys, bundle.sections["galois_keys"], context, what="galois_keys"
+            with reservation:
+                relin = load_seal(
+                    seal.RelinKeys,
+                    bundle.sections["relin_keys"],
+                    context,
+                    what="relin_keys",
+                    max_bytes=bundle.max_section_bytes("relin_keys"),
                 )
+                galois = None
+                if "galois_keys" in bundle.sections:
+                    galois = load_seal(
+                        seal.GaloisKeys,
+                        bundle.sections["galois_keys"],
+                        context,
+                        what="galois_keys",
+                        max_bytes=bundle.max_section_bytes("galois_keys"),
+                    )
         except ProtocolError as exc:
             raise BadRequest(f"context refused: {exc}") from None
         if galois is not None and galois.size() != len(bundle.galois_steps):

@@ -34,6 +34,20 @@ class KeyBundle:
     def has_secret_key(self) -> bool:
         return "secret_key" in self.sections
 
+    def max_section_bytes(self, name: str) -> int:
+        """Return the most bytes section ``name`` can hold uncompressed for these parameters.
+
+        Relinearization keys are one key-switching key, Galois keys one per listed step, both
+        bounded unseeded (a client may send either form); a secret key is one polynomial over
+        all primes.
+        """
+        params = self.params
+        if name == "relin_keys":
+            return params.key_switch_key_bytes(seeded=False)
+        if name == "galois_keys":
+            return max(1, len(self.galois_steps)) * params.key_switch_key_bytes(seeded=False)
+        return params.ciphertext_bytes(len(params.coeff_modulus_bits))
+
 
 def encode_key_bundle(bundle: KeyBundle) -> bytes:
     """Serialize a bundle; sections appear in a fixed order so equal keys give equal bytes."""
@@ -57,10 +71,12 @@ def decode_key_bundle(data: bytes, *, allow_secret_key: bool = False) -> KeyBund
         allow_secret_key: True only when reading the user's own key file.
 
     Returns:
-        The bundle with raw (not yet SEAL-loaded) sections.
+        The bundle with raw (not yet SEAL-loaded) sections, each no larger than its keys can
+        be (``KeyBundle.max_section_bytes``).
 
     Raises:
-        ProtocolError: malformed bundle, or a secret key where none is allowed.
+        ProtocolError: malformed bundle, a secret key where none is allowed, or a section
+            larger than its keys can be.
     """
     frames = decode_frames(data, max_items=1 + len(_ALL_SECTIONS))
     if len(frames[0]) > _MAX_HEADER_BYTES:
@@ -93,6 +109,17 @@ def decode_key_bundle(data: bytes, *, allow_secret_key: bool = False) -> KeyBund
     params = CkksParams.from_json(header.get("ckks") or {})
     if any(step >= params.slot_count for step in steps):
         raise ProtocolError(f"galois_steps must be below the slot count {params.slot_count}")
+    if len(set(steps)) != len(steps):
+        raise ProtocolError("galois_steps lists a step twice")
     if "relin_keys" not in names:
         raise ProtocolError("key bundle lacks relin_keys")
-    return KeyBundle(params, tuple(steps), dict(zip(names, frames[1:], strict=True)))
+    bundle = KeyBundle(params, tuple(steps), dict(zip(names, frames[1:], strict=True)))
+    for name, section in bundle.sections.items():
+        # Before any inflation: a section cannot be larger than its keys even uncompressed.
+        bound = bundle.max_section_bytes(name)
+        if len(section) > bound:
+            raise ProtocolError(
+                f"key bundle section {name} is {len(section)} bytes; its keys hold at most "
+                f"{bound} with these parameters"
+            )
+    return bundle

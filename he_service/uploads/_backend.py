@@ -90,7 +90,14 @@ class StagingFull(UploadError):
 
 
 class StagingUnavailable(UploadError):
-    """The staging storage (disk or Redis) failed; the request may be retried."""
+    """The staging storage (disk or Redis) failed; the request may be retried.
+
+    ``retry_after``: seconds after which a retry may succeed, when the backend knows.
+    """
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)

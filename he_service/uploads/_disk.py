@@ -10,13 +10,18 @@ A part is written to a private temporary file in its upload's directory outside 
 then renamed into place and recorded under the lock, so a reader sees the old or the new part,
 never a torn one. Removing an upload removes its directory, temporary files of dead writers
 included; every ``create`` and ``put_part`` first removes expired uploads of every owner.
+Temporary files are named ``.tmp-<pid>-<random>``: a failed write removes its own, and opening
+the staging area removes those of processes that no longer exist. Full or read-only storage
+answers ``StagingUnavailable`` (503) naming the condition.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -40,7 +45,10 @@ from he_service.uploads._backend import (
 
 __all__ = ["DiskStaging"]
 
+log = logging.getLogger(__name__)
+
 _RECORD = "upload.json"
+_TMP_PREFIX = ".tmp-"
 _MAX_RECORD_BYTES = 1 << 20
 
 
@@ -53,8 +61,19 @@ class DiskStaging(StagingBackend):
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StagingUnavailable(
-                f"cannot create the upload staging directory: {exc.strerror}"
+                f"cannot create the upload staging directory {self.directory}: {exc.strerror}"
             ) from None
+        if not os.access(self.directory, os.R_OK | os.X_OK):
+            raise StagingUnavailable(
+                f"the upload staging directory {self.directory} cannot be read"
+            )
+        try:
+            removed = self.sweep_temporary_files()
+        except (OSError, StagingUnavailable) as exc:
+            log.warning("the upload staging area %s is not writable: %s", self.directory, exc)
+        else:
+            if removed:
+                log.info("removed %d temporary upload files of dead processes", removed)
 
     def __repr__(self) -> str:
         return f"DiskStaging({str(self.directory)!r})"
@@ -67,7 +86,11 @@ class DiskStaging(StagingBackend):
                 soonest = min(u.expires_at for u in mine)
                 raise TooManyUploads(max_per_owner, _seconds(soonest - now))
             folder.mkdir(mode=0o700, parents=True)
-            self._write_record(folder, info)
+            try:
+                self._write_record(folder, info)
+            except OSError:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
 
     def put_part(
         self,
@@ -85,7 +108,7 @@ class DiskStaging(StagingBackend):
         folder = self._folder(owner, upload_id)
         with self._reporting():
             try:
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)  # mode 0600
+                fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=folder)  # mode 0600
             except FileNotFoundError:
                 raise UploadNotFound(upload_id) from None
             try:
@@ -139,6 +162,23 @@ class DiskStaging(StagingBackend):
         with self._reporting(), self._locked():
             self._sweep_locked(now)
 
+    def sweep_temporary_files(self) -> int:
+        """Remove temporary part files whose writer process is gone; return how many."""
+        removed = 0
+        with self._reporting(), self._locked():
+            for owner_dir in _scandir(self.directory):
+                if not owner_dir.is_dir(follow_symlinks=False):
+                    continue
+                for upload in _scandir(Path(owner_dir.path)):
+                    if not upload.is_dir(follow_symlinks=False):
+                        continue
+                    for item in _scandir(Path(upload.path)):
+                        if item.name.startswith(_TMP_PREFIX) and _writer_is_dead(item.name):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(item.path)
+                            removed += 1
+        return removed
+
     def _folder(self, owner: str, upload_id: str) -> Path:
         return self.directory / owner_key(owner) / check_upload_id(upload_id)
 
@@ -163,7 +203,7 @@ class DiskStaging(StagingBackend):
 
     def _write_record(self, folder: Path, info: UploadInfo) -> None:
         record = {**asdict(info), "parts": {str(i): list(p) for i, p in info.parts.items()}}
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=folder)
         try:
             with os.fdopen(fd, "w") as handle:
                 json.dump(record, handle)
@@ -187,9 +227,43 @@ class DiskStaging(StagingBackend):
         try:
             yield
         except OSError as exc:
-            raise StagingUnavailable(
-                f"the upload staging directory is not usable: {exc.strerror}; retry later"
-            ) from None
+            raise _unavailable(exc) from None
+
+
+def _tmp_prefix() -> str:
+    return f"{_TMP_PREFIX}{os.getpid()}-"
+
+
+def _writer_is_dead(name: str) -> bool:
+    """Return whether the temporary file ``name`` (``.tmp-<pid>-...``) belongs to no process."""
+    pid_text = name[len(_TMP_PREFIX) :].split("-", 1)[0]
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+def _unavailable(exc: OSError) -> StagingUnavailable:
+    """Return the 503 for an operation the storage refused, naming the condition."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StagingUnavailable(
+            f"the upload staging area is full ({exc.strerror}); parts are accepted again when "
+            "space is freed",
+            retry_after=30,
+        )
+    if exc.errno == errno.EROFS:
+        return StagingUnavailable(
+            "the upload staging area is read-only; uploads resume when it is writable",
+            retry_after=30,
+        )
+    return StagingUnavailable(
+        f"the upload staging directory is not usable: {exc.strerror}; retry later", retry_after=5
+    )
 
 
 def _read_record(folder: Path) -> UploadInfo | None:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from he_service.keystore._backend import owner_key
+from he_service.redis_link import TIMEOUT_SECONDS, RedisDown, connect
 from he_service.uploads._backend import (
     StagingBackend,
     StagingFull,
@@ -157,26 +158,28 @@ class RedisStaging(StagingBackend):
     Args:
         url: the server, as ``redis.Redis.from_url`` takes it.
         prefix: prepended to every key, so several services can share one database.
-        socket_timeout: seconds before a stalled command fails (``StagingUnavailable``).
+        socket_timeout: seconds before a stalled command fails (``StagingUnavailable``);
+            the command that carries a part may take ``BULK_TIMEOUT_SECONDS``. While the
+            server's breaker is open (see ``he_service.redis_link``) calls fail at once.
     """
 
     def __init__(
-        self, url: str, *, prefix: str = DEFAULT_PREFIX, socket_timeout: float = 30.0
+        self, url: str, *, prefix: str = DEFAULT_PREFIX, socket_timeout: float = TIMEOUT_SECONDS
     ) -> None:
         import redis  # the "server" extra; only needed when a Redis URL is configured
 
         self._errors: tuple[type[Exception], ...] = (redis.RedisError,)
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=min(socket_timeout, 5.0)
-        )
+        self._link = connect(url, timeout=socket_timeout)
+        self._client = self._link.client
         self._prefix = prefix
         self._keys = [prefix + "expiry", prefix + "sizes"]
         self._create = self._client.register_script(_CREATE)
-        self._put = self._client.register_script(_PUT)
+        # Only this script carries the bytes; the others are small and fail fast.
+        self._put = self._link.bulk.register_script(_PUT)
         self._info = self._client.register_script(_INFO)
         self._delete = self._client.register_script(_DELETE)
         self._sweep = self._client.register_script(_SWEEP)
-        self._where = self._client.connection_pool.connection_kwargs.get("host", "redis")
+        self._where = self._link.where
 
     def __repr__(self) -> str:
         return f"RedisStaging(host={self._where!r}, prefix={self._prefix!r})"
@@ -275,7 +278,7 @@ class RedisStaging(StagingBackend):
         self._run(self._sweep, [self._prefix, repr(now)])
 
     def close(self) -> None:
-        self._client.close()
+        self._link.close()
 
     def _common(self, owner: str, upload_id: str, now: float) -> list[Any]:
         return [self._prefix, repr(now), f"{owner_key(owner)}:{check_upload_id(upload_id)}"]
@@ -287,11 +290,17 @@ class RedisStaging(StagingBackend):
     @contextmanager
     def _reporting(self) -> Iterator[None]:
         try:
-            yield
+            with self._link.guard():
+                yield
+        except RedisDown as exc:
+            raise StagingUnavailable(
+                f"the upload staging store is unavailable: {exc}; retry later", exc.retry_after
+            ) from None
         except self._errors as exc:
             raise StagingUnavailable(
                 f"the upload staging store (Redis at {self._where}) is unavailable: {exc}; "
-                "retry later"
+                "retry later",
+                1,
             ) from None
 
 

@@ -28,7 +28,9 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Flask:
 
 
 def _client(app: Flask, token: str | None) -> HEClient:
-    return HEClient("http://testserver", transport=httpx.WSGITransport(app=app), token=token)
+    # No retries: these tests look at the answers themselves (a 429 would be waited out).
+    transport = httpx.WSGITransport(app=app)
+    return HEClient("http://testserver", transport=transport, token=token, retry=None)
 
 
 @pytest.fixture(scope="module")

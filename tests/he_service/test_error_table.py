@@ -6,15 +6,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+import redis
 from flask import Flask
 
 from he_service import create_app
 from he_service.config import DEFAULT_MODELS_DIR
 from he_service.engine import EvaluationError
 from he_service.error_table import ERROR_TABLE, to_service_error
+from he_service.memory import MemoryBusy, MemoryLimitExceeded
 from he_service.protocol import ProtocolError
 from he_service.registry import ModelUnavailable
-from he_service.serving import KeysDoNotFit, TooManySamples
+from he_service.serving import KeysDoNotFit, TooManySamples, WorkerOutOfMemory
 from he_service.uploads import (
     StagingFull,
     StagingUnavailable,
@@ -45,6 +47,20 @@ CASES: list[tuple[Exception, int, str, dict[str, object], str | None]] = [
     (TooManyUploads(4, 30), 429, "too_many_requests", {"retry_after": 30}, "30"),
     (StagingFull(1 << 30, 12), 503, "not_ready", {"retry_after": 12}, "12"),
     (StagingUnavailable("Redis is down"), 503, "not_ready", {}, None),
+    (StagingUnavailable("Redis is down", 2), 503, "not_ready", {"retry_after": 2}, "2"),
+    # Any Redis error a backend let through (its subclasses too): unavailable, never a 500.
+    (redis.RedisError("OOM command not allowed"), 503, "not_ready", {"retry_after": 1}, "1"),
+    (StagingUnavailable("disk full", retry_after=30), 503, "not_ready", {"retry_after": 30}, "30"),
+    (MemoryBusy("this request", 10, 5, 2), 503, "not_ready", {"retry_after": 2}, "2"),
+    (
+        MemoryLimitExceeded("this request", 10, 5),
+        413,
+        "payload_too_large",
+        {"limit": 5},
+        None,
+    ),
+    (MemoryError(), 503, "not_ready", {"retry_after": 5}, "5"),
+    (WorkerOutOfMemory(), 503, "not_ready", {"retry_after": 5}, "5"),
 ]
 
 

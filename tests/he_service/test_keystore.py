@@ -372,7 +372,6 @@ def test_redis_bytes_evicted_by_redis_count_as_absent(
 
 
 def test_redis_unreachable_is_not_ready(contexts: list[bytes]) -> None:
-    pytest.importorskip("redis")
     from he_service.errors import NotReady
 
     with socket.socket() as probe:

@@ -230,6 +230,36 @@ def test_a_group_larger_than_one_body_goes_in_parts_through_the_sdk(
     assert not list(staging.glob("*/*"))
 
 
+class _LoseFirstAnswer(httpx.WSGITransport):
+    """Forward every request, but drop the first upload prediction's answer on its way back."""
+
+    lost = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if request.url.path.endswith("/predict") and "/uploads/" in request.url.path:
+            if not self.lost:
+                self.lost += 1
+                raise httpx.RemoteProtocolError("Server disconnected", request=request)
+        return response
+
+
+def test_an_upload_whose_answer_was_lost_is_sent_again(small_app: Flask) -> None:
+    """The server evaluated and deleted the upload; the retry's 404 makes the SDK resend it."""
+    from clients import Retry
+
+    transport = _LoseFirstAnswer(app=small_app)
+    retry = Retry(sleep=lambda _: None)
+    with HEClient("http://testserver", transport=transport, retry=retry) as client:
+        session = client.model(BREAST, plan="batch")
+        from models.datasets import load_breast_cancer_split
+
+        raw = load_breast_cancer_split(0).x_test[:10]
+        logits = session.predict_many(raw)
+    assert transport.lost == 1
+    np.testing.assert_allclose(logits, _plain(raw), atol=1e-2)
+
+
 def _raw(app: Flask, method: str, path: str, **kwargs: Any) -> Any:
     return app.test_client().open(path, method=method, **kwargs)
 

@@ -78,7 +78,7 @@ class BatchTerm:
 
     def simulate(self, x: np.ndarray) -> np.ndarray:
         columns = x[list(self.inputs)] if self.inputs else np.zeros((0, x.shape[1]))
-        return (self.weights @ columns) / self.weight_scale
+        return np.asarray((self.weights @ columns) / self.weight_scale)
 
 
 @dataclass(frozen=True, eq=False)
