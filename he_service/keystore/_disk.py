@@ -43,12 +43,12 @@ from he_service.keystore._backend import (
     is_context_id,
     owner_key,
 )
+from he_service.tempfiles import TMP_PREFIX, tmp_prefix, writer_is_dead
 
 __all__ = ["DiskBackend"]
 
 log = logging.getLogger(__name__)
 
-_TMP_PREFIX = ".tmp-"
 # Temporary files are written outside the lock; one older than this belongs to a dead process
 # (the sweep at start-up does not wait: it reads the writer's pid from the name).
 _STALE_TMP_SECONDS = 3600.0
@@ -236,10 +236,10 @@ class DiskBackend(StorageBackend):
                 path = Path(item.path)
                 if item.name.endswith(".bin") and path.with_suffix(".json") not in live:
                     _unlink(path)  # bytes of an entry whose record is gone
-                elif item.name.startswith(_TMP_PREFIX):
+                elif item.name.startswith(TMP_PREFIX):
                     with contextlib.suppress(FileNotFoundError):
                         if (
-                            _writer_is_dead(item.name)
+                            writer_is_dead(item.name)
                             or wall - item.stat().st_mtime > _STALE_TMP_SECONDS
                         ):
                             _unlink(path)
@@ -262,7 +262,7 @@ class DiskBackend(StorageBackend):
                 if not (is_context_id(folder.name) and folder.is_dir(follow_symlinks=False)):
                     continue
                 for item in _scandir(Path(folder.path)):
-                    if item.name.startswith(_TMP_PREFIX) and _writer_is_dead(item.name):
+                    if item.name.startswith(TMP_PREFIX) and writer_is_dead(item.name):
                         _unlink(Path(item.path))
                         removed += 1
         return removed
@@ -271,7 +271,7 @@ class DiskBackend(StorageBackend):
         tmp = None
         try:
             folder.mkdir(mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=folder)  # mode 0600
+            fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(), dir=folder)  # mode 0600
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
         except OSError as exc:
@@ -297,30 +297,6 @@ class DiskBackend(StorageBackend):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-
-
-def _tmp_prefix() -> str:
-    return f"{_TMP_PREFIX}{os.getpid()}-"
-
-
-def _writer_is_dead(name: str) -> bool:
-    """Return whether the temporary file ``name`` (``.tmp-<pid>-...``) belongs to no process.
-
-    Names without a pid (older versions) are left to the age-based sweep of ``store``.
-    """
-    pid_text = name[len(_TMP_PREFIX) :].split("-", 1)[0]
-    if not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, another user's
-    return False
 
 
 def _write_error(exc: OSError) -> NotReady:

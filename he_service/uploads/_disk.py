@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from he_service.keystore._backend import owner_key
+from he_service.tempfiles import TMP_PREFIX, tmp_prefix, writer_is_dead
 from he_service.uploads._backend import (
     StagingBackend,
     StagingFull,
@@ -48,7 +49,6 @@ __all__ = ["DiskStaging"]
 log = logging.getLogger(__name__)
 
 _RECORD = "upload.json"
-_TMP_PREFIX = ".tmp-"
 _MAX_RECORD_BYTES = 1 << 20
 
 
@@ -108,7 +108,7 @@ class DiskStaging(StagingBackend):
         folder = self._folder(owner, upload_id)
         with self._reporting():
             try:
-                fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=folder)  # mode 0600
+                fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(), dir=folder)  # mode 0600
             except FileNotFoundError:
                 raise UploadNotFound(upload_id) from None
             try:
@@ -173,7 +173,7 @@ class DiskStaging(StagingBackend):
                     if not upload.is_dir(follow_symlinks=False):
                         continue
                     for item in _scandir(Path(upload.path)):
-                        if item.name.startswith(_TMP_PREFIX) and _writer_is_dead(item.name):
+                        if item.name.startswith(TMP_PREFIX) and writer_is_dead(item.name):
                             with contextlib.suppress(FileNotFoundError):
                                 os.unlink(item.path)
                             removed += 1
@@ -203,7 +203,7 @@ class DiskStaging(StagingBackend):
 
     def _write_record(self, folder: Path, info: UploadInfo) -> None:
         record = {**asdict(info), "parts": {str(i): list(p) for i, p in info.parts.items()}}
-        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(), dir=folder)
         try:
             with os.fdopen(fd, "w") as handle:
                 json.dump(record, handle)
@@ -228,24 +228,6 @@ class DiskStaging(StagingBackend):
             yield
         except OSError as exc:
             raise _unavailable(exc) from None
-
-
-def _tmp_prefix() -> str:
-    return f"{_TMP_PREFIX}{os.getpid()}-"
-
-
-def _writer_is_dead(name: str) -> bool:
-    """Return whether the temporary file ``name`` (``.tmp-<pid>-...``) belongs to no process."""
-    pid_text = name[len(_TMP_PREFIX) :].split("-", 1)[0]
-    if not pid_text.isdigit() or int(pid_text) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, another user's
-    return False
 
 
 def _unavailable(exc: OSError) -> StagingUnavailable:
