@@ -626,7 +626,8 @@ class WorkerKills:
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             workers = self._workers()
-            if len(workers) == self.server.workers and min(map(_age, workers)) > self.min_age:
+            settled = min(map(process_age, workers), default=0.0) > self.min_age
+            if len(workers) == self.server.workers and settled:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(random.choice(workers), signal.SIGKILL)
                     self.kills += 1
@@ -640,7 +641,7 @@ class WorkerKills:
         self._thread.join(timeout=10)
 
 
-def _age(pid: int) -> float:
+def process_age(pid: int) -> float:
     """Return the seconds since process ``pid`` started (0 when it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

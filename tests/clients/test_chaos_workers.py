@@ -21,7 +21,14 @@ import numpy as np
 import pytest
 
 from clients import HEClient, KeySet, ModelSession, Retry
-from tests.load_client import BREAST, ServedProcess, load_samples, process_tree, start_server
+from tests.load_client import (
+    BREAST,
+    ServedProcess,
+    load_samples,
+    process_age,
+    process_tree,
+    start_server,
+)
 
 KILLS = 3
 SAMPLES_PER_REQUEST = 8
@@ -71,15 +78,6 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def _age(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except OSError:
-        return 0.0
-    return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
-
-
 def _kill_a_busy_worker(server: ServedProcess, deadline: float) -> int:
     """SIGKILL a worker that is using the CPU (serving a request); wait for its replacement.
 
@@ -89,7 +87,7 @@ def _kill_a_busy_worker(server: ServedProcess, deadline: float) -> int:
         workers = _workers(server)
         before = {pid: _cpu_ticks(pid) for pid in workers}
         time.sleep(0.05)
-        busy = [pid for pid in workers if _cpu_ticks(pid) > before[pid] and _age(pid) > 3.0]
+        busy = [pid for pid in workers if _cpu_ticks(pid) > before[pid] and process_age(pid) > 3.0]
         if len(workers) == 2 and busy:
             os.kill(busy[0], signal.SIGKILL)
             break
