@@ -104,6 +104,37 @@ _RETAINED: list[BaseException] = []
 _STOP_DELAY_SECONDS = 1.0
 
 
+class _Stopper:
+    """Send this process SIGTERM a moment after ``trigger``, from a thread started beforehand.
+
+    Out of memory, starting a thread can fail ("can't start new thread"), so the thread that
+    stops the worker is started with the served plans and only waits until then.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def arm(self) -> None:
+        """Start the waiting thread in this process (again after a fork), once."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="he-oom-stop", daemon=True)
+                self._thread.start()
+
+    def trigger(self) -> None:
+        self._event.set()
+
+    def _run(self) -> None:
+        self._event.wait()
+        time.sleep(_STOP_DELAY_SECONDS)  # the 503 goes out first
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_STOPPER = _Stopper()
+
+
 @contextlib.contextmanager
 def _seal_memory() -> Iterator[None]:
     try:
@@ -113,9 +144,7 @@ def _seal_memory() -> Iterator[None]:
     except MemoryError as exc:
         _RETAINED.append(exc)
         log.error("out of memory during an evaluation: this worker stops after answering 503")
-        stop = threading.Timer(_STOP_DELAY_SECONDS, os.kill, (os.getpid(), signal.SIGTERM))
-        stop.daemon = True
-        stop.start()
+        _STOPPER.trigger()
         raise WorkerOutOfMemory() from None
 
 
@@ -596,6 +625,7 @@ def serve_plans(compiled: CompiledModel, config: Config) -> dict[PlanKind, Serve
     Raises:
         PlanRefused: the server's limits leave no way to send one of the plans' requests.
     """
+    _STOPPER.arm()
     name = compiled.artifact.name
     return {
         PlanKind.LATENCY: ServedLatency(name, compiled.latency, config),
