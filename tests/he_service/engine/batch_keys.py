@@ -7,9 +7,9 @@ import tenseal.sealapi as seal
 
 from he_service.artifacts import ModelArtifact
 from he_service.engine import forward_plain
-from he_service.engine.batch import BatchEvaluator, BatchPlan
+from he_service.engine.batch import BatchEvaluator, BatchPlan, compile_batch_plan
 from he_service.protocol.batch_encoding import decode_batch, encode_batch
-from he_service.protocol.params import CkksParams, new_seal_context
+from he_service.protocol.params import MAX_COEFF_BITS_128, CkksParams, new_seal_context
 
 
 class Keys:
@@ -62,3 +62,24 @@ def run_encrypted(
     assert len(out) == plan.output_length
     assert all(ct.size() == 2 and ct.parms_id() == evaluator.output_parms_id for ct in out)
     return decode_batch([keys.decrypt(out)], len(samples)), out
+
+
+def check_simulation(artifact: ModelArtifact, samples: np.ndarray) -> BatchPlan:
+    """Compile the batch plan; check its plain simulation and parameters; return it.
+
+    The exact simulation matches the network, the integer weights the evaluator uses stay
+    close to it, and the primes fit 128-bit security with none above the 60-bit special one.
+    """
+    plan = compile_batch_plan(artifact)
+    expected = forward(artifact, samples)
+    features = samples.reshape(len(samples), -1).T
+    bound = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(plan.simulate(features).T, expected, atol=1e-9 * bound)
+    quantised = plan.simulate(features, quantised=True).T
+    assert np.abs(quantised - expected).max() <= 5e-3 * bound
+    assert plan.input_length == features.shape[0]
+    assert plan.output_length == expected.shape[1]
+    params = plan.params
+    assert sum(params.coeff_modulus_bits) <= MAX_COEFF_BITS_128[params.poly_modulus_degree]
+    assert max(params.coeff_modulus_bits[:-1]) <= params.coeff_modulus_bits[-1] <= 60
+    return plan

@@ -26,9 +26,9 @@ from he_service.engine.batch.products import reduce_mod, shift_mod
 from he_service.engine.graph import build_graph
 from he_service.protocol import save_seal
 from he_service.protocol.batch_encoding import encode_batch
-from he_service.protocol.params import MAX_COEFF_BITS_128, CkksParams
+from he_service.protocol.params import CkksParams
 
-from .batch_keys import Keys, forward, run_encrypted
+from .batch_keys import Keys, check_simulation, forward, run_encrypted
 from .networks import make_artifact, random_network, random_residual_network
 
 
@@ -95,17 +95,7 @@ def _choice(artifact: ModelArtifact) -> ParameterChoice:
 
 
 def _check_simulation(artifact: ModelArtifact, rng: np.random.Generator) -> BatchPlan:
-    plan = compile_batch_plan(artifact)
-    samples = rng.normal(size=(9, *artifact.input_shape))
-    expected = forward(artifact, samples)
-    features = samples.reshape(len(samples), -1).T
-    bound = max(1.0, float(np.abs(expected).max()))
-    np.testing.assert_allclose(plan.simulate(features).T, expected, atol=1e-9 * bound)
-    quantised = plan.simulate(features, quantised=True).T
-    assert np.abs(quantised - expected).max() <= 5e-3 * bound
-    params = plan.params
-    assert sum(params.coeff_modulus_bits) <= MAX_COEFF_BITS_128[params.poly_modulus_degree]
-    assert max(params.coeff_modulus_bits[:-1]) <= params.coeff_modulus_bits[-1] <= 60
+    plan = check_simulation(artifact, rng.normal(size=(9, *artifact.input_shape)))
     assert plan.summary()["residual_joins"] >= 1
     return plan
 
