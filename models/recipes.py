@@ -101,7 +101,8 @@ class Recipe:
 
     ``train(seed, split_seed)`` does everything, the encrypted measurement on the first
     ``encrypted_samples`` held-out samples (None: all) included; ``prepare`` stops before it
-    (training, conversion, fine-tuning: plaintext only). ``shipped``: the artifact is in
+    (training, conversion, fine-tuning: plaintext only); ``prepare_split`` does the same on a
+    given split (shadow models of a membership audit). ``shipped``: the artifact is in
     ``models/artifacts/``.
     """
 
@@ -109,6 +110,7 @@ class Recipe:
     description: str
     train: Callable[[int, int], TrainedModel]
     prepare: Callable[[int, int], TrainedModel]
+    prepare_split: Callable[[Split, int, int], TrainedModel]
     load_split: Callable[[int], Split]
     encrypted_samples: int | None
     shipped: bool
@@ -159,8 +161,14 @@ class _Converted:
 
     def prepare(self, seed: int, split_seed: int) -> TrainedModel:
         """Train, convert and fine-tune; the manifest has no encrypted measurement yet."""
+        return self.prepare_split(self.load_split(split_seed), seed, split_seed)
+
+    def prepare_split(self, split: Split, seed: int, split_seed: int) -> TrainedModel:
+        """``prepare`` on a given split: membership audits train shadow models on other members.
+
+        ``split_seed`` is only recorded in the manifest.
+        """
         started = time.perf_counter()
-        split = self.load_split(split_seed)
         prep = self.preprocessing(split)
         x_train = preprocess_batch(split.x_train, prep, self.input_shape)
         x_test = preprocess_batch(split.x_test, prep, self.input_shape)
@@ -388,6 +396,7 @@ RECIPES: dict[str, Recipe] = {
         spec.description,
         spec,
         spec.prepare,
+        spec.prepare_split,
         spec.load_split,
         spec.encrypted_samples,
         spec.shipped,
