@@ -34,6 +34,7 @@ from models.training import to_tensor
 
 __all__ = [
     "OUTPUT_LIMIT",
+    "OUTPUT_RANGE_MARGIN",
     "OutputRangeError",
     "check_output_bound",
     "converted_manifest",
@@ -44,6 +45,8 @@ __all__ = [
 
 # The engine keeps 12 bits above the scale for the result: |output| must stay below 2^11.
 OUTPUT_LIMIT = float(2 ** (OUTPUT_HEADROOM_BITS - 1))
+# Outputs within a quarter of the calibrated spread beyond it are still trusted.
+OUTPUT_RANGE_MARGIN = 0.25
 _BATCH = 1024
 
 
@@ -282,10 +285,15 @@ def check_output_bound(network: nn.Module, x: np.ndarray | torch.Tensor) -> dict
         x: preprocessed inputs.
 
     Returns:
-        ``{"max_abs_output", "samples", "limit", "margins"}`` for the manifest. ``margins`` are
-        100 quantiles of the gap between the two largest outputs (for a classifier: how far
-        each sample is from changing class), which the engine weighs its expected encryption
-        error against; absent for a single output.
+        ``{"max_abs_output", "samples", "limit", "output_ranges", "range_margin", "margins"}``
+        for the manifest. ``output_ranges`` are, per output, the smallest and largest value
+        seen on ``x`` widened on each side by ``range_margin`` times their distance (at least
+        1): the client
+        flags a decrypted output outside them as unreliable (the polynomials are accurate only
+        on inputs like the calibration data). ``margins`` are 100 quantiles of the gap between
+        the two largest outputs (for a classifier: how far each sample is from changing
+        class), which the engine weighs its expected encryption error against; absent for a
+        single output.
 
     Raises:
         OutputRangeError: if ``max |output| >= OUTPUT_LIMIT``.
@@ -300,7 +308,18 @@ def check_output_bound(network: nn.Module, x: np.ndarray | torch.Tensor) -> dict
             "scale the last layer down, train with weight decay, or fine-tune with a larger "
             "range_weight so that activations stay inside their fitted ranges"
         )
-    result: dict[str, Any] = {"max_abs_output": bound, "samples": samples, "limit": OUTPUT_LIMIT}
+    low, high = outputs.min(axis=0), outputs.max(axis=0)
+    widen = OUTPUT_RANGE_MARGIN * np.maximum(high - low, 1.0)
+    result: dict[str, Any] = {
+        "max_abs_output": bound,
+        "samples": samples,
+        "limit": OUTPUT_LIMIT,
+        "output_ranges": [
+            [float(f"{lo:.6g}"), float(f"{hi:.6g}")]
+            for lo, hi in zip(low - widen, high + widen, strict=True)
+        ],
+        "range_margin": OUTPUT_RANGE_MARGIN,
+    }
     if outputs.shape[1] > 1:
         top = np.sort(outputs, axis=1)
         gaps = top[:, -1] - top[:, -2]

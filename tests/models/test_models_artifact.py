@@ -177,3 +177,26 @@ def test_retraining_reproduces_the_shipped_bytes(name: str, retrained: Path) -> 
             "(encrypted numbers in the manifest) changed, bit-for-bit reproduction is not "
             "expected (see models/training.py)"
         )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_ranges_hold_the_held_out_outputs(
+    name: str, artifacts: dict[str, ModelArtifact], splits: dict[str, Split]
+) -> None:
+    """The ranges the client flags unreliable outputs by contain every held-out output."""
+    artifact, split = artifacts[name], splits[name]
+    bound = artifact.manifest["conversion"]["output_bound"]
+    ranges = np.asarray(bound["output_ranges"])
+    x = preprocess_batch(split.x_test, artifact.preprocessing, artifact.input_shape)
+    outputs, _ = artifact_forward(artifact, x)
+    assert ranges.shape == (outputs.shape[1], 2)
+    assert np.all(outputs >= ranges[:, 0]) and np.all(outputs <= ranges[:, 1])
+    # Widened by the margin, but not so much that a wildly wrong output would pass: at most
+    # the margin beyond the outputs of every sample the recipe saw.
+    x_all = preprocess_batch(
+        np.concatenate([split.x_train, split.x_test]), artifact.preprocessing, artifact.input_shape
+    )
+    every, _ = artifact_forward(artifact, x_all)
+    spread = np.maximum(every.max(axis=0) - every.min(axis=0), 1.0)
+    widths = ranges[:, 1] - ranges[:, 0]
+    assert np.all(widths <= (1 + 2 * bound["range_margin"]) * spread * (1 + 1e-5))
