@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from he_service.privacy import PrivacyClaimError, check_privacy
+
 FORMAT = "he-inference-model"
 FORMAT_VERSION = 2
 # Version 1 artifacts are version 2 artifacts without ``add`` layers; exporters write the lowest
@@ -222,6 +224,13 @@ def load_artifact(path: Path | str) -> ModelArtifact:
         manifest_path,
         f"network outputs shape {final} but output.labels has {len(labels)} entries",
     )
+    if "privacy" in manifest:
+        try:
+            check_privacy(manifest["privacy"])
+        except PrivacyClaimError as exc:
+            raise ArtifactError(
+                manifest_path, f"differential-privacy claim refused: {exc}"
+            ) from None
     return artifact
 
 

@@ -18,6 +18,7 @@ from he_service.artifacts import ArtifactError, ModelArtifact, load_artifact
 from he_service.config import Config
 from he_service.engine import CompiledModel, CompileError, ParameterError, compile_model
 from he_service.memory import MemoryBudget
+from he_service.privacy import privacy_card
 from he_service.protocol import CkksParams, ModelCard, PlanKind, ProtocolError, Task
 from he_service.serving import PlanRefused, ServedPlan, resident_bytes, serve_plans
 
@@ -209,5 +210,9 @@ def _card(artifact: ModelArtifact, plans: dict[PlanKind, ServedPlan]) -> ModelCa
         task=Task.parse(getattr(artifact, "task", Task.CLASSIFICATION.value)),
         labels=artifact.labels,
         plans={kind: plan.card() for kind, plan in plans.items()},
-        details={"training": artifact.manifest.get("training", {})},
+        details={
+            "training": artifact.manifest.get("training", {}),
+            # Checked by load_artifact; a model without the section says it has no guarantee.
+            "privacy": privacy_card(artifact.manifest.get("privacy")),
+        },
     )

@@ -12,12 +12,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.polynomial import relu_square
+
 __all__ = [
     "BasicBlock",
+    "BreastCancerDPMLP",
     "BreastCancerMLP",
     "DigitsCNN",
     "DigitsResNet",
     "LeNet5",
+    "MnistDPCNN",
     "MnistReluCNN",
     "Square",
 ]
@@ -187,3 +191,36 @@ class DigitsResNet(nn.Sequential):
         self.pool2 = nn.AvgPool2d(2)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(32, 10)
+
+
+class BreastCancerDPMLP(nn.Sequential):
+    """An MLP for differentially private training on the 30 breast cancer features.
+
+    ``linear 30->8`` -> ``relu_square(4)`` -> ``linear 8->2``: no BatchNorm (it mixes records,
+    which DP-SGD cannot account for) and a fixed polynomial activation, trained directly, so
+    there is no conversion and no range to calibrate on private data. Depth 1. Few parameters
+    suit DP-SGD, whose noise grows with the number of parameters.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(30, 8)
+        self.act1 = relu_square(4.0)
+        self.fc2 = nn.Linear(8, 2)
+
+
+class MnistDPCNN(nn.Sequential):
+    """The ``mnist-cnn`` shape for differentially private training, with fixed polynomials.
+
+    ``conv 1->4, 7x7, stride 3`` -> ``relu_square(4)`` -> flatten -> ``linear 256->64`` ->
+    ``relu_square(4)`` -> ``linear 64->10``: depth 2, trained directly with its activations.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, kernel_size=7, stride=3, padding=0)
+        self.act1 = relu_square(4.0)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(256, 64)
+        self.act2 = relu_square(4.0)
+        self.fc2 = nn.Linear(64, 10)

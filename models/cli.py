@@ -5,6 +5,8 @@ Examples::
     he-models list
     he-models train mnist-cnn                 # writes models/artifacts/mnist-cnn/
     he-models train digits-cnn --out /tmp/artifacts --seed 1
+    he-models train digits-cnn --dp-epsilon 8 --out /tmp/artifacts   # DP-SGD, delta 1e-5
+    he-models sweep breast-cancer-mlp-dp --epsilons 0.5,1,3,8,none  # accuracy per epsilon
     he-models evaluate breast-cancer-mlp      # plaintext, polynomial and encrypted accuracy
     he-models convert mypkg.nets:make_net --weights net.pt --calibration x.npy --name my-net
     he-models convert mypkg.nets:Regressor --weights r.pt --calibration x.npy --name my-reg \
@@ -19,10 +21,15 @@ After a successful export, ``convert`` and ``train`` print what the model card w
 each plan (ring, primes, depth, public-key and request bytes, rotations, Galois keys), as the
 engine compiled it.
 
+``--dp-epsilon`` trains with DP-SGD (Opacus): every training phase on the private records is
+private, and the noise multiplier for the budget is chosen before training starts. Without
+``--dp-noise-seed`` the noise seed is drawn from ``secrets`` and not recorded; with it the run is
+reproducible and the manifest says the seed is public.
+
 Exit codes: 0 success, 1 the artifact could not be exported (the engine refuses it: too deep,
 public keys over the budget; or writing failed; nothing is written), 2 a usage or input error
-(unknown model, unsupported layers, unreadable files). Errors are one message on stderr, never
-a traceback.
+(unknown model, unsupported layers, unreadable files, contradictory DP options or a privacy
+budget no noise can meet). Errors are one message on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -41,10 +48,12 @@ import numpy as np
 from he_service.artifacts import DEFAULT_TASK, TASKS
 from he_service.engine import DEFAULT_KEY_BUDGET_BYTES
 from models.export import ExportError, plan_lines, torch_release
-from models.recipes import DEFAULT_OUT_DIR, RECIPES, UnknownModelError, build
+from models.privacy import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM
+from models.recipes import DEFAULT_OUT_DIR, RECIPE_PRIVACY, RECIPES, UnknownModelError, build
 
 if TYPE_CHECKING:
     from models.conversion import ConversionReport
+    from models.recipes import Privacy
 
 __all__ = ["main"]
 
@@ -81,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="seed of the train/test split (default: %(default)s)",
     )
+    _add_privacy_options(train, "train the recipe")
 
     convert = commands.add_parser(
         "convert",
@@ -169,6 +179,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--description", default="", help="one line for the model card")
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="retrain a recipe at several privacy budgets and print held-out accuracy",
+        description="Retrain a recipe (plaintext only, nothing exported) at each epsilon and "
+        "print a markdown table of held-out accuracy, noise multiplier and training time. "
+        "'none' trains without differential privacy. The noise seed is the recipe's published "
+        "one (or --dp-noise-seed), so the table is reproducible.",
+    )
+    sweep.add_argument("name", help="model recipe, see `he-models list`")
+    sweep.add_argument(
+        "--epsilons",
+        default="0.5,1,3,8,none",
+        help="comma-separated budgets; 'none' for no DP (default: %(default)s)",
+    )
+    sweep.add_argument(
+        "--dp-delta", type=float, default=None, help="delta (default: the recipe's, or 1e-5)"
+    )
+    sweep.add_argument(
+        "--max-grad-norm", type=float, default=None, help="clipping norm (default: the recipe's)"
+    )
+    sweep.add_argument(
+        "--dp-noise-seed", type=int, default=None, help="noise seed (default: the recipe's, or 0)"
+    )
+    sweep.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
+    sweep.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the split (default: %(default)s)"
+    )
+
     evaluate = commands.add_parser(
         "evaluate",
         help="measure an artifact: original, polynomial and encrypted accuracy (or MSE)",
@@ -199,6 +237,66 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_privacy_options(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group("differential privacy (DP-SGD with Opacus)")
+    group.add_argument(
+        "--dp-epsilon",
+        type=float,
+        help=f"{what} with DP-SGD to this epsilon (RDP accountant); default: no DP, or a DP "
+        "recipe's own budget",
+    )
+    group.add_argument(
+        "--dp-delta",
+        type=float,
+        help=f"delta of the guarantee, in (0, 1) (default: {DEFAULT_DELTA:g})",
+    )
+    group.add_argument(
+        "--max-grad-norm",
+        type=float,
+        help=f"per-record gradient clipping norm (default: {DEFAULT_MAX_GRAD_NORM:g})",
+    )
+    group.add_argument(
+        "--dp-noise-seed",
+        type=int,
+        help="seed the noise to make the run reproducible; the manifest then says the seed is "
+        "public, so the guarantee is a demonstration (default: a secret seed from `secrets`)",
+    )
+
+
+def _privacy(args: argparse.Namespace) -> Privacy:
+    """Return the budget the DP options ask for, or the recipe's default if none is given.
+
+    Raises:
+        _UsageError: options contradict each other (checked before any training).
+    """
+    from models.privacy import PrivacyBudget, PrivacyError
+
+    if args.dp_epsilon is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--dp-delta", args.dp_delta),
+                ("--max-grad-norm", args.max_grad_norm),
+                ("--dp-noise-seed", args.dp_noise_seed),
+            )
+            if value is not None
+        ]
+        if given:
+            raise _UsageError(f"{', '.join(given)}: only with --dp-epsilon, the budget to refine")
+        return RECIPE_PRIVACY
+    try:
+        return PrivacyBudget(
+            epsilon=args.dp_epsilon,
+            delta=DEFAULT_DELTA if args.dp_delta is None else args.dp_delta,
+            max_grad_norm=(
+                DEFAULT_MAX_GRAD_NORM if args.max_grad_norm is None else args.max_grad_norm
+            ),
+            noise_seed=args.dp_noise_seed,
+        )
+    except PrivacyError as exc:
+        raise _UsageError(str(exc)) from None
+
+
 def _list() -> int:
     width = max(len(name) for name in RECIPES)
     for name, recipe in sorted(RECIPES.items()):
@@ -207,10 +305,15 @@ def _list() -> int:
     return EXIT_OK
 
 
-def _train(name: str, out: Path, seed: int, split_seed: int) -> int:
+def _train(args: argparse.Namespace) -> int:
+    from he_service.privacy import privacy_lines
+    from models.privacy import PrivacyError
+
+    name = args.name
+    privacy = _privacy(args)
     try:
-        result = build(name, out, seed=seed, split_seed=split_seed)
-    except UnknownModelError as exc:
+        result = build(name, args.out, seed=args.seed, split_seed=args.split_seed, privacy=privacy)
+    except (UnknownModelError, PrivacyError) as exc:
         raise _UsageError(str(exc)) from None
     except (ExportError, OSError) as exc:
         print(f"he-models: error: could not export {name}: {exc}", file=sys.stderr)
@@ -228,8 +331,67 @@ def _train(name: str, out: Path, seed: int, split_seed: int) -> int:
     )
     for line in plan_lines(result.compiled):
         print(line)
+    for line in privacy_lines(result.privacy):
+        print(line)
     print(f"wrote {result.path}")
     print(f"weights.npz sha256 {result.weights_sha256}")
+    return EXIT_OK
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from models.privacy import PrivacyBudget, PrivacyError
+
+    recipe = RECIPES.get(args.name)
+    if recipe is None:
+        raise _UsageError(str(UnknownModelError(args.name)))
+    base = recipe.default_privacy or PrivacyBudget(epsilon=1.0, noise_seed=0)
+    budgets: list[tuple[str, PrivacyBudget | None]] = []
+    try:
+        for text in (part.strip() for part in args.epsilons.split(",")):
+            if text.lower() == "none":
+                budgets.append(("none (no DP)", None))
+                continue
+            try:
+                epsilon = float(text)
+            except ValueError:
+                raise _UsageError(
+                    f"--epsilons takes numbers or 'none' separated by commas, got {text!r}"
+                ) from None
+            budgets.append(
+                (
+                    f"{epsilon:g}",
+                    PrivacyBudget(
+                        epsilon=epsilon,
+                        delta=base.delta if args.dp_delta is None else args.dp_delta,
+                        max_grad_norm=(
+                            base.max_grad_norm if args.max_grad_norm is None else args.max_grad_norm
+                        ),
+                        noise_seed=(
+                            base.noise_seed if args.dp_noise_seed is None else args.dp_noise_seed
+                        ),
+                    ),
+                )
+            )
+    except PrivacyError as exc:
+        raise _UsageError(str(exc)) from None
+    if not budgets:
+        raise _UsageError("--epsilons names no budget")
+    delta = next((b.delta for _, b in budgets if b is not None), base.delta)
+    print(f"{recipe.name}: held-out accuracy per privacy budget (delta {delta:g}), plaintext")
+    print("")
+    print("| epsilon | noise multiplier | held-out accuracy | training seconds |")
+    print("|---|---|---|---|")
+    for label, chosen in budgets:
+        try:
+            trained = recipe.prepare(args.seed, args.split_seed, chosen)
+        except PrivacyError as exc:
+            raise _UsageError(str(exc)) from None
+        sigma = trained.manifest.get("privacy", {}).get("noise_multiplier")
+        noise = "-" if sigma is None else f"{sigma:.3f}"
+        print(
+            f"| {label} | {noise} | {trained.test_accuracy:.4f} | {trained.train_seconds:.1f} |",
+            flush=True,
+        )
     return EXIT_OK
 
 
@@ -490,7 +652,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "list":
             return _list()
         if args.command == "train":
-            return _train(args.name, args.out, args.seed, args.split_seed)
+            return _train(args)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "convert":
             return _convert(args)
         return _evaluate(args)

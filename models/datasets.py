@@ -37,6 +37,7 @@ __all__ = [
     "N_TEST",
     "Split",
     "load_breast_cancer_split",
+    "load_digits_as_mnist",
     "load_digits_split",
     "load_mnist_idx",
     "load_mnist_split",
@@ -153,6 +154,31 @@ def load_breast_cancer_split(seed: int = 0) -> Split:
     features = np.asarray(bunch.data, dtype=np.float64)
     labels = np.asarray(bunch.target, dtype=np.int64)
     return _split(features, labels, N_BREAST_CANCER_TEST, seed)
+
+
+def load_digits_as_mnist(size: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Return scikit-learn's 1,797 digits drawn like MNIST: public data for MNIST models.
+
+    Each 8x8 image is upsampled (bilinear) to ``size`` x ``size``, clipped to 0..1, centred in a
+    28x28 frame as MNIST's digits are (in a 20x20 box), and scaled to 0..255.
+
+    Args:
+        size: the side of the digit's box inside the 28x28 frame.
+
+    Returns:
+        Images (1797, 1, 28, 28) float32 with raw pixel values 0..255, labels int64.
+    """
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    small = torch.tensor(np.asarray(bunch.images, dtype=np.float32)[:, None] / 16.0)
+    grown = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+    frame = torch.zeros(len(small), 1, 28, 28)
+    offset = (28 - size) // 2
+    frame[:, :, offset : offset + size, offset : offset + size] = grown.clamp(0.0, 1.0)
+    return (frame * 255.0).numpy(), np.asarray(bunch.target, dtype=np.int64)
 
 
 def _read_maybe_gzip(path: Path) -> bytes:

@@ -21,7 +21,14 @@ from torch import nn
 from he_service.artifacts import DEFAULT_TASK
 from models.conversion import ConvertedNetwork
 from models.polynomial import PolyActivation
-from models.training import TrainConfig, deterministic_torch, target_tensor, to_tensor, train_loop
+from models.training import (
+    TrainConfig,
+    Trainer,
+    deterministic_torch,
+    target_tensor,
+    to_tensor,
+    train_loop,
+)
 
 __all__ = ["FineTuneConfig", "fine_tune", "out_of_range_fractions"]
 
@@ -65,6 +72,7 @@ def fine_tune(
     config: FineTuneConfig | None = None,
     *,
     task: str = DEFAULT_TASK,
+    trainer: Trainer = train_loop,
 ) -> ConvertedNetwork:
     """Train the affine layers of a copy of ``network`` with its polynomials in place.
 
@@ -80,6 +88,8 @@ def fine_tune(
         y: int labels ``(n,)``, or regression targets ``(n,)`` / ``(n, outputs)``.
         config: hyper-parameters; defaults to ``FineTuneConfig()``.
         task: ``classification`` or ``regression``.
+        trainer: what trains the copy; ``train_loop`` by default, or a private phase
+            (``models.privacy.PrivateTraining.trainer``) on the same records.
 
     Returns:
         The fine-tuned copy, float64, eval mode.
@@ -105,7 +115,7 @@ def fine_tune(
 
         handles = [m.register_forward_pre_hook(record) for m in _ranged(tuned)]
         try:
-            train_loop(
+            trainer(
                 tuned,
                 inputs,
                 labels,

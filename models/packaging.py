@@ -134,6 +134,7 @@ def converted_manifest(
     provenance: Mapping[str, Any] | None = None,
     task: str = DEFAULT_TASK,
     key_budget_bytes: int | None = None,
+    privacy: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Build the manifest (without ``weights``) and the arrays for ``export_artifact``.
 
@@ -155,6 +156,8 @@ def converted_manifest(
             is not the default, so classification manifests keep their format-1 bytes).
         key_budget_bytes: the public-key budget the engine holds both plans to
             (``serving.key_budget_bytes``); None leaves the engine's default.
+        privacy: the differential-privacy guarantee (``models.privacy``), if the network
+            was trained with DP-SGD; None writes no ``privacy`` section.
 
     Returns:
         The manifest and the arrays.
@@ -200,6 +203,8 @@ def converted_manifest(
         manifest["training"] = dict(training)
     if provenance is not None:
         manifest["provenance"] = dict(provenance)
+    if privacy is not None:
+        manifest["privacy"] = dict(privacy)
     return manifest, arrays
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "PolyFit",
     "fit_polynomial",
     "levels_of_degree",
+    "relu_square",
 ]
 
 # The artifact format holds up to 9 coefficients; the engine evaluates degree <= 4 today.
@@ -124,6 +125,26 @@ class PolyActivation(nn.Module):
     def extra_repr(self) -> str:
         coeffs = ", ".join(f"{c:.4g}" for c in self.coeffs)
         return f"coeffs=[{coeffs}], range=[{self.lo:.4g}, {self.hi:.4g}], source={self.source!r}"
+
+
+def relu_square(radius: float) -> PolyActivation:
+    """Return the degree-2 least-squares fit of ReLU on the uniform interval ``[-r, r]``.
+
+    ``3r/32 + x/2 + 15x^2/(32r)``, in closed form: a fixed activation for networks trained
+    directly with polynomials (differentially private training cannot calibrate ranges on the
+    private data, so the range is chosen, not measured).
+
+    Args:
+        radius: ``r`` > 0, the half width of the range.
+
+    Returns:
+        The activation, with range ``[-r, r]``.
+    """
+    if not radius > 0:
+        raise ValueError(f"the radius must be positive, got {radius}")
+    return PolyActivation(
+        (3 * radius / 32, 0.5, 15 / (32 * radius)), -radius, radius, source="ReLU() on [-r, r]"
+    )
 
 
 @dataclass(frozen=True)

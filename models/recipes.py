@@ -13,21 +13,27 @@ for bit); the others can be trained but are not shipped yet.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from he_service.artifacts import load_artifact
-from he_service.engine import CompiledModel, compile_plan
+from he_service.engine import CompiledModel
+from models._recipe_common import (
+    RECIPE_PRIVACY,
+    Privacy,
+    RecipePrivacy,
+    TrainedModel,
+    command,
+    measured,
+)
 from models.architectures import BreastCancerMLP, DigitsCNN, DigitsResNet, LeNet5, MnistReluCNN
-from models.conversion import ConvertedNetwork, convert
+from models.conversion import convert
 from models.datasets import (
     BREAST_CANCER_SPLIT_DESCRIPTION,
     DIGITS_SPLIT_DESCRIPTION,
@@ -37,15 +43,18 @@ from models.datasets import (
     load_digits_split,
     load_mnist_split,
 )
-from models.evaluation import EncryptedMeasurement, measure_encrypted
 from models.export import export_artifact, torch_release
 from models.finetune import FineTuneConfig, fine_tune
+from models.group_norm import lower_group_norms
 from models.packaging import check_output_bound, converted_manifest
+from models.privacy import PrivacyBudget, PrivatePhase, PrivateTraining, private_network
+from models.private_recipes import BREAST_CANCER_DP, MNIST_DP
 from models.training import (
     MNIST_MEAN,
     MNIST_STD,
     PIXEL_SCALE,
     TrainConfig,
+    Trainer,
     classifier_accuracy,
     deterministic_torch,
     preprocess_batch,
@@ -55,7 +64,9 @@ from models.training import (
 __all__ = [
     "DEFAULT_OUT_DIR",
     "RECIPES",
+    "RECIPE_PRIVACY",
     "BuildResult",
+    "Privacy",
     "Recipe",
     "TrainedModel",
     "UnknownModelError",
@@ -78,21 +89,16 @@ class UnknownModelError(KeyError):
         return f"unknown model {self.name!r}; known models: {known}"
 
 
-@dataclass(frozen=True)
-class TrainedModel:
-    """Output of a recipe: the network, its weights, the manifest without ``weights``, metrics.
+class _Trains(Protocol):
+    def __call__(
+        self, seed: int, split_seed: int, privacy: Privacy = RECIPE_PRIVACY
+    ) -> TrainedModel: ...
 
-    ``network`` is the fine-tuned polynomial network; ``test_accuracy`` is its held-out
-    accuracy; ``summary`` holds the numbers ``he-models train`` prints. After ``prepare`` the
-    manifest and summary lack the encrypted measurement, which ``train`` adds.
-    """
 
-    network: ConvertedNetwork
-    arrays: dict[str, np.ndarray]
-    manifest: dict[str, Any]
-    test_accuracy: float
-    train_seconds: float
-    summary: dict[str, Any]
+class _TrainsSplit(Protocol):
+    def __call__(
+        self, split: Split, seed: int, split_seed: int, privacy: Privacy = RECIPE_PRIVACY
+    ) -> TrainedModel: ...
 
 
 @dataclass(frozen=True)
@@ -103,17 +109,19 @@ class Recipe:
     ``encrypted_samples`` held-out samples (None: all) included; ``prepare`` stops before it
     (training, conversion, fine-tuning: plaintext only); ``prepare_split`` does the same on a
     given split (shadow models of a membership audit). ``shipped``: the artifact is in
-    ``models/artifacts/``.
+    ``models/artifacts/``. Each takes a ``privacy``: a budget trains with DP-SGD, None
+    without, and ``RECIPE_PRIVACY`` (the default) as the recipe does, ``default_privacy``.
     """
 
     name: str
     description: str
-    train: Callable[[int, int], TrainedModel]
-    prepare: Callable[[int, int], TrainedModel]
-    prepare_split: Callable[[Split, int, int], TrainedModel]
+    train: _Trains
+    prepare: _Trains
+    prepare_split: _TrainsSplit
     load_split: Callable[[int], Split]
     encrypted_samples: int | None
     shipped: bool
+    default_privacy: PrivacyBudget | None
 
 
 @dataclass(frozen=True)
@@ -127,20 +135,18 @@ class BuildResult:
     train_seconds: float
     summary: dict[str, Any]
     compiled: CompiledModel
-
-
-def _command(name: str, seed: int, split_seed: int) -> str:
-    parts = ["he-models", "train", name]
-    if seed != 0:
-        parts += ["--seed", str(seed)]
-    if split_seed != 0:
-        parts += ["--split-seed", str(split_seed)]
-    return " ".join(parts)
+    privacy: dict[str, Any] | None  # the manifest's guarantee; None without DP
 
 
 @dataclass(frozen=True)
 class _Converted:
-    """A recipe that trains an ordinary network, converts it and fine-tunes the result."""
+    """A recipe that trains an ordinary network, converts it and fine-tunes the result.
+
+    With a privacy budget both trainings are DP-SGD phases of one accountant (BatchNorm becomes
+    GroupNorm, lowered afterwards with held-out statistics), and everything else that reads
+    data (preprocessing statistics, activation ranges, the output bound) reads the held-out
+    split instead of the private training records.
+    """
 
     name: str
     description: str
@@ -150,7 +156,8 @@ class _Converted:
     input_shape: tuple[int, ...]
     labels: tuple[str, ...]
     make_model: Callable[[], nn.Module]
-    preprocessing: Callable[[Split], dict[str, Any]]
+    # Statistics from the given raw records: the training split, or held-out data under DP.
+    preprocessing: Callable[[np.ndarray], dict[str, Any]]
     train_config: TrainConfig
     fine_tune_config: FineTuneConfig
     degree: int = 2
@@ -158,37 +165,63 @@ class _Converted:
     key_budget_bytes: int | None = None  # None: the engine's default
     encrypted_seed: int = 0
     shipped: bool = True
+    default_privacy: PrivacyBudget | None = None
 
-    def prepare(self, seed: int, split_seed: int) -> TrainedModel:
+    def prepare(
+        self, seed: int, split_seed: int, privacy: Privacy = RECIPE_PRIVACY
+    ) -> TrainedModel:
         """Train, convert and fine-tune; the manifest has no encrypted measurement yet."""
-        return self.prepare_split(self.load_split(split_seed), seed, split_seed)
+        return self.prepare_split(self.load_split(split_seed), seed, split_seed, privacy)
 
-    def prepare_split(self, split: Split, seed: int, split_seed: int) -> TrainedModel:
+    def prepare_split(
+        self, split: Split, seed: int, split_seed: int, privacy: Privacy = RECIPE_PRIVACY
+    ) -> TrainedModel:
         """``prepare`` on a given split: membership audits train shadow models on other members.
 
         ``split_seed`` is only recorded in the manifest.
         """
+        budget = self.default_privacy if privacy is RECIPE_PRIVACY else privacy
+        assert not isinstance(budget, RecipePrivacy)
         started = time.perf_counter()
-        prep = self.preprocessing(split)
+        # Under DP the private records may not shape anything outside DP-SGD.
+        public = split.x_test if budget is not None else split.x_train
+        prep = self.preprocessing(public)
         x_train = preprocess_batch(split.x_train, prep, self.input_shape)
         x_test = preprocess_batch(split.x_test, prep, self.input_shape)
         y_train, y_test = np.asarray(split.y_train), np.asarray(split.y_test)
+        x_public = x_test if budget is not None else x_train
+        inputs = torch.tensor(x_train, dtype=torch.float32)
+        labels = torch.tensor(y_train, dtype=torch.int64)
+        fine_config = replace(self.fine_tune_config, seed=seed)
+        session: PrivateTraining | None = None
         # One thread throughout: the fitted ranges, coefficients and output bound go into the
         # manifest, and multi-threaded reductions may round differently.
         with deterministic_torch(seed):
-            model = self.make_model()
-            train_loop(
-                model,
-                torch.tensor(x_train, dtype=torch.float32),
-                torch.tensor(y_train, dtype=torch.int64),
-                replace(self.train_config, seed=seed),
-            )
+            if budget is None:
+                model = self.make_model()
+                train_loop(model, inputs, labels, replace(self.train_config, seed=seed))
+                trainer: Trainer = train_loop
+            else:
+                session = PrivateTraining(
+                    budget,
+                    inputs,
+                    labels,
+                    self.train_config.batch_size,
+                    [self.train_config.epochs, self.fine_tune_config.epochs],
+                )
+                model = private_network(self.make_model())
+                session.train(model, _phase("ReLU network", self.train_config))
+                trainer = session.trainer(_phase("fine-tuning", fine_config))
             original = classifier_accuracy(model, x_test, y_test)
-            network, report = convert(model, x_train, degrees=self.degree)
+            if budget is not None:
+                model = lower_group_norms(model, x_public)
+            network, report = convert(model, x_public, degrees=self.degree)
             converted = classifier_accuracy(network, x_test, y_test)
-            tuned = fine_tune(network, x_train, y_train, replace(self.fine_tune_config, seed=seed))
+            tuned = fine_tune(network, x_train, y_train, fine_config, trainer=trainer)
             poly = classifier_accuracy(tuned, x_test, y_test)
-            bound = check_output_bound(tuned, np.concatenate([x_train, x_test]))
+            bound = check_output_bound(
+                tuned, x_public if budget is not None else np.concatenate([x_train, x_test])
+            )
         train_seconds = time.perf_counter() - started
         training: dict[str, Any] = {
             "dataset": self.dataset,
@@ -203,11 +236,18 @@ class _Converted:
             "original": f"{type(model).__name__} with ReLU, before conversion",
             "original_accuracy": original,
             "converted_accuracy_before_fine_tuning": converted,
-            "fine_tuning": replace(self.fine_tune_config, seed=seed).to_json(),
+            "fine_tuning": fine_config.to_json(),
             "poly_accuracy": poly,
             "accuracy_drop": original - poly,
             "max_abs_output": bound["max_abs_output"],
         }
+        privacy_section = None
+        if session is not None:
+            training["original"] += " (GroupNorm in place of BatchNorm), trained with DP-SGD"
+            privacy_section = session.section(
+                dataset=f"{self.dataset}, training split ({self.split_description})",
+                outside_guarantee=_HELD_OUT_USES,
+            )
         manifest, arrays = converted_manifest(
             tuned,
             self.name,
@@ -218,10 +258,13 @@ class _Converted:
             output_bound=bound,
             training=training,
             provenance={
-                "command": _command(self.name, seed, split_seed),
+                "command": command(
+                    self.name, seed, split_seed, None if privacy is RECIPE_PRIVACY else budget
+                ),
                 "torch": torch_release(),
             },
             key_budget_bytes=self.key_budget_bytes,
+            privacy=privacy_section,
         )
         summary = {
             "original_accuracy": original,
@@ -232,58 +275,50 @@ class _Converted:
         }
         return TrainedModel(tuned, arrays, manifest, poly, train_seconds, summary)
 
-    def __call__(self, seed: int, split_seed: int) -> TrainedModel:
-        trained = self.prepare(seed, split_seed)
+    def __call__(
+        self, seed: int, split_seed: int, privacy: Privacy = RECIPE_PRIVACY
+    ) -> TrainedModel:
+        trained = self.prepare(seed, split_seed, privacy)
         split = self.load_split(split_seed)
         x_test = preprocess_batch(
             split.x_test, trained.manifest["input"]["preprocessing"], self.input_shape
         )
-        started = time.perf_counter()
-        measured = self._measure(trained.arrays, trained.manifest, x_test, split.y_test)
-        manifest = {**trained.manifest, "training": {**trained.manifest["training"]}}
-        manifest["training"].update(measured.to_json())
-        summary = {
-            **trained.summary,
-            "encrypted_accuracy": measured.metrics["accuracy"],
-            "encrypted_agreement": measured.metrics["agreement"],
-            "encrypted_samples": measured.samples,
-            "encrypted_seconds": time.perf_counter() - started,
-        }
-        return replace(trained, manifest=manifest, summary=summary)
-
-    def _measure(
-        self,
-        arrays: dict[str, np.ndarray],
-        manifest: dict[str, Any],
-        x_test: np.ndarray,
-        y_test: np.ndarray,
-    ) -> EncryptedMeasurement:
-        # The engine reads artifacts from disk; stage one privately (it is checked and
-        # compiled there, as the final export will be).
-        with tempfile.TemporaryDirectory() as tmp:
-            staged = export_artifact(tmp, self.name, arrays, manifest)
-            artifact = load_artifact(staged.path)
-            plan = compile_plan(artifact)
-            n = len(x_test) if self.encrypted_samples is None else self.encrypted_samples
-            with deterministic_torch(0):
-                return measure_encrypted(
-                    artifact, x_test[:n], y_test[:n], seed=self.encrypted_seed, plan=plan
-                )
+        return measured(
+            trained,
+            self.name,
+            x_test,
+            split.y_test,
+            samples=self.encrypted_samples,
+            seed=self.encrypted_seed,
+        )
 
 
-def _mnist_preprocessing(_: Split) -> dict[str, Any]:
+# What DP recipes compute from the held-out split rather than from the private records.
+_HELD_OUT_USES = (
+    "the preprocessing statistics (when the recipe computes any), the polynomial "
+    "activations' calibration ranges, the output bound and the per-output ranges the client "
+    "checks decrypted outputs against: all from the held-out split, never from a training "
+    "record",
+)
+
+
+def _phase(name: str, config: TrainConfig | FineTuneConfig) -> PrivatePhase:
+    return PrivatePhase(name, config.epochs, config.lr, weight_decay=config.weight_decay)
+
+
+def _mnist_preprocessing(_: np.ndarray) -> dict[str, Any]:
     return {"scale": PIXEL_SCALE, "mean": list(MNIST_MEAN), "std": list(MNIST_STD)}
 
 
-def _digits_preprocessing(split: Split) -> dict[str, Any]:
-    # One channel: standardise with the training pixels' mean and std (after scaling to 0..1).
-    pixels = np.asarray(split.x_train, dtype=np.float64) / 16.0
+def _digits_preprocessing(records: np.ndarray) -> dict[str, Any]:
+    # One channel: standardise with the pixels' mean and std (after scaling to 0..1).
+    pixels = np.asarray(records, dtype=np.float64) / 16.0
     return {"scale": 1.0 / 16.0, "mean": [float(pixels.mean())], "std": [float(pixels.std())]}
 
 
-def _breast_cancer_preprocessing(split: Split) -> dict[str, Any]:
-    # Per-feature standardisation with training-split statistics, applied by the client.
-    features = np.asarray(split.x_train, dtype=np.float64)
+def _breast_cancer_preprocessing(records: np.ndarray) -> dict[str, Any]:
+    # Per-feature standardisation, applied by the client.
+    features = np.asarray(records, dtype=np.float64)
     return {
         "scale": 1.0,
         "mean": [float(v) for v in features.mean(axis=0)],
@@ -400,8 +435,17 @@ RECIPES: dict[str, Recipe] = {
         spec.load_split,
         spec.encrypted_samples,
         spec.shipped,
+        spec.default_privacy,
     )
-    for spec in (_MNIST, _DIGITS, _BREAST_CANCER, _LENET5, _DIGITS_RESNET)
+    for spec in (
+        _MNIST,
+        _DIGITS,
+        _BREAST_CANCER,
+        _LENET5,
+        _DIGITS_RESNET,
+        BREAST_CANCER_DP,
+        MNIST_DP,
+    )
 }
 
 
@@ -428,6 +472,7 @@ def build(
     out_dir: str | Path = DEFAULT_OUT_DIR,
     seed: int = 0,
     split_seed: int = 0,
+    privacy: Privacy = RECIPE_PRIVACY,
 ) -> BuildResult:
     """Train the named model and export it to ``<out_dir>/<name>/``.
 
@@ -436,17 +481,19 @@ def build(
         out_dir: parent directory of the artifact.
         seed: training seed (initial weights and batch order).
         split_seed: seed of the train/test split.
+        privacy: a DP-SGD budget, None for none, or the recipe's own (the default).
 
     Returns:
         Where the artifact went, its weights sha256, accuracy, training time and plans.
 
     Raises:
         UnknownModelError: if no recipe has that name.
+        PrivacyError: if no noise multiplier meets the budget (before any training).
         ExportError: if the artifact fails its self-check.
         OSError: if the artifact cannot be written.
     """
     recipe = get_recipe(name)
-    trained = recipe.train(seed, split_seed)
+    trained = recipe.train(seed, split_seed, privacy)
     exported = export_artifact(out_dir, recipe.name, trained.arrays, trained.manifest)
     return BuildResult(
         name=recipe.name,
@@ -456,4 +503,5 @@ def build(
         train_seconds=trained.train_seconds,
         summary=trained.summary,
         compiled=exported.compiled,
+        privacy=trained.manifest.get("privacy"),
     )

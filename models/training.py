@@ -17,7 +17,7 @@ import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ __all__ = [
     "PIXEL_SCALE",
     "TrainConfig",
     "TrainResult",
+    "Trainer",
     "classifier_accuracy",
     "deterministic_torch",
     "model_outputs",
@@ -76,6 +77,20 @@ class TrainResult:
     model: nn.Module
     test_accuracy: float
     train_seconds: float
+
+
+class Trainer(Protocol):
+    """Trains a model in place on preprocessed records: ``train_loop``, or a DP-SGD phase."""
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        config: TrainConfig,
+        extra_loss: Callable[[], torch.Tensor] | None = None,
+        task: str = DEFAULT_TASK,
+    ) -> None: ...
 
 
 @contextmanager

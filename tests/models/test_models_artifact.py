@@ -16,6 +16,7 @@ from he_service.protocol import preprocess
 from models.cli import main
 from models.datasets import Split
 from models.evaluation import artifact_forward
+from models.polynomial import relu_square
 from models.recipes import DEFAULT_OUT_DIR, RECIPES
 from models.training import preprocess_batch
 
@@ -102,8 +103,18 @@ def test_manifest_records_the_measurements(
         assert training["original_accuracy"] - training["poly_accuracy"] <= 0.02
     conversion = manifests[name]["conversion"]
     assert conversion["depth"] <= 5
-    assert {a["degree"] for a in conversion["activations"]} == {2}
-    assert all(a["replaces"] == "ReLU()" for a in conversion["activations"])
+    if RECIPES[name].default_privacy is None:
+        assert {a["degree"] for a in conversion["activations"]} == {2}
+        assert all(a["replaces"] == "ReLU()" for a in conversion["activations"])
+    else:
+        # DP models are trained with fixed polynomials: nothing is fitted on private records,
+        # so every activation is kept as trained (the same polynomial of ReLU on [-4, 4]).
+        changes = {c["path"]: c["to"] for c in conversion["changes"]}
+        for activation in conversion["activations"]:
+            assert "replaces" not in activation and changes[activation["path"]] == "poly (kept)"
+            assert activation["coeffs"] == list(relu_square(4.0).coeffs)
+            assert activation["range"] == [-4.0, 4.0]
+        assert training["original_accuracy"] == training["poly_accuracy"]
 
 
 @pytest.mark.parametrize("name", NAMES)
