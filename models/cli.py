@@ -50,9 +50,11 @@ from he_service.engine import DEFAULT_KEY_BUDGET_BYTES
 from models.export import ExportError, plan_lines, torch_release
 from models.privacy import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM
 from models.recipes import DEFAULT_OUT_DIR, RECIPE_PRIVACY, RECIPES, UnknownModelError, build
+from models.training import preprocess_batch
 
 if TYPE_CHECKING:
     from models.conversion import ConversionReport
+    from models.finetune import FineTuning
     from models.recipes import Privacy
 
 __all__ = ["main"]
@@ -178,6 +180,33 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated output labels, or for regression output names (default: 0..k-1)",
     )
     convert.add_argument("--description", default="", help="one line for the model card")
+    tuning = convert.add_argument_group(
+        "fine-tuning on your data (optional; with --dp-epsilon, DP-SGD)",
+        "After conversion, train the converted network's affine layers with its polynomials in "
+        "place (models.fine_tune). Under DP the guarantee covers the fine-tuning records only: "
+        "--weights and --calibration must not hold private records.",
+    )
+    tuning.add_argument(
+        "--fine-tune-data", type=Path, help=".npy of raw training samples (n, *input_shape)"
+    )
+    tuning.add_argument(
+        "--fine-tune-targets",
+        type=Path,
+        help=".npy of their labels (ints) or regression targets",
+    )
+    tuning.add_argument(
+        "--fine-tune-epochs", type=int, default=5, help="epochs (default: %(default)s)"
+    )
+    tuning.add_argument(
+        "--fine-tune-batch-size",
+        type=int,
+        default=64,
+        help="batch size, expected batch size under DP (default: %(default)s)",
+    )
+    tuning.add_argument(
+        "--fine-tune-lr", type=float, default=1e-3, help="Adam's learning rate (default: 0.001)"
+    )
+    _add_privacy_options(convert, "fine-tune")
 
     sweep = commands.add_parser(
         "sweep",
@@ -212,8 +241,9 @@ def _parser() -> argparse.ArgumentParser:
         help="measure an artifact: original, polynomial and encrypted accuracy (or MSE)",
         description="Print the original network's accuracy (recorded in the manifest), the "
         "polynomial network's accuracy on the held-out split and the accuracy drop, encrypted "
-        "accuracy and encrypted-vs-polynomial agreement, and how often held-out pre-activations "
-        "leave the calibrated ranges. For a regression artifact: MSE, MAE and R^2 instead of "
+        "accuracy and encrypted-vs-polynomial agreement, how often held-out pre-activations "
+        "leave the calibrated ranges, and the differential-privacy guarantee (or its absence). "
+        "For a regression artifact: MSE, MAE and R^2 instead of "
         "accuracy, and the largest encrypted-vs-polynomial error.",
     )
     evaluate.add_argument("name", help="artifact name")
@@ -450,7 +480,6 @@ def _convert(args: argparse.Namespace) -> int:
     from models.conversion import convert
     from models.packaging import export_converted
     from models.problems import ConversionError
-    from models.training import preprocess_batch
 
     factory = _load_factory(args.factory)
     if not args.weights.is_file():
@@ -495,6 +524,7 @@ def _convert(args: argparse.Namespace) -> int:
             raise _UsageError(f"--key-budget must be positive, got {args.key_budget}")
     preprocessing = {"scale": args.scale, "mean": list(mean), "std": list(std)}
     x = preprocess_batch(raw, preprocessing, shape)
+    tuning = _fine_tuning(args, shape, preprocessing)
 
     try:
         model = factory()
@@ -528,6 +558,22 @@ def _convert(args: argparse.Namespace) -> int:
     for line in report.lines():
         print(line)
     command = ["he-models", "convert", args.factory, "--name", args.name]
+    provenance = {
+        "command": " ".join(command),
+        "weights_sha256": _sha256(args.weights),
+        "calibration_sha256": _sha256(args.calibration),
+        "torch": torch_release(),
+    }
+    training, privacy = None, None
+    if tuning is not None:
+        network, training, privacy = tuning.run(network)
+        provenance["fine_tune_data_sha256"] = _sha256(args.fine_tune_data)
+        provenance["fine_tune_targets_sha256"] = _sha256(args.fine_tune_targets)
+        print(
+            f"fine-tuned on {training['fine_tune_samples']} samples for "
+            f"{training['fine_tuning']['epochs']} epochs"
+            + ("" if privacy is None else f" with DP-SGD (epsilon {privacy['epsilon']:g})")
+        )
     try:
         result = export_converted(
             network,
@@ -538,14 +584,11 @@ def _convert(args: argparse.Namespace) -> int:
             check_x=x,
             description=args.description,
             report=report,
-            provenance={
-                "command": " ".join(command),
-                "weights_sha256": _sha256(args.weights),
-                "calibration_sha256": _sha256(args.calibration),
-                "torch": torch_release(),
-            },
+            training=training,
+            provenance=provenance,
             task=args.task,
             key_budget_bytes=key_budget,
+            privacy=privacy,
         )
     except ValueError as exc:  # a bad artifact name
         raise _UsageError(str(exc)) from None
@@ -563,6 +606,61 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"wrote {result.path}")
     print(f"weights.npz sha256 {result.weights_sha256}")
     return EXIT_OK
+
+
+def _fine_tuning(
+    args: argparse.Namespace, shape: tuple[int, ...], preprocessing: Mapping[str, Any]
+) -> FineTuning | None:
+    """Read the fine-tuning options and data, and plan the DP noise, before any conversion.
+
+    Raises:
+        _UsageError: options contradict each other, the files are unreadable or do not fit
+            the model, or no noise multiplier meets the budget.
+    """
+    from models.finetune import FineTuning
+    from models.privacy import PrivacyError
+
+    privacy = _privacy(args)
+    if (args.fine_tune_data is None) != (args.fine_tune_targets is None):
+        raise _UsageError("--fine-tune-data and --fine-tune-targets go together")
+    if args.fine_tune_data is None:
+        if privacy is not RECIPE_PRIVACY:
+            raise _UsageError(
+                "--dp-epsilon applies to fine-tuning: give --fine-tune-data and "
+                "--fine-tune-targets (conversion itself trains nothing)"
+            )
+        return None
+    if args.fine_tune_epochs < 1 or args.fine_tune_batch_size < 1 or args.fine_tune_lr <= 0:
+        raise _UsageError(
+            "--fine-tune-epochs, --fine-tune-batch-size and --fine-tune-lr must be > 0"
+        )
+    try:
+        raw = np.load(args.fine_tune_data, allow_pickle=False)
+        targets = np.load(args.fine_tune_targets, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise _UsageError(f"cannot read the fine-tuning data: {exc}") from None
+    if (
+        len(raw) == 0
+        or len(raw) != len(targets)
+        or int(np.prod(raw.shape[1:])) != int(np.prod(shape))
+    ):
+        raise _UsageError(
+            f"--fine-tune-data {raw.shape} and --fine-tune-targets {targets.shape} must hold the "
+            f"same number of samples shaped {list(shape)}"
+        )
+    try:
+        return FineTuning.plan(
+            preprocess_batch(raw, preprocessing, shape),
+            targets,
+            epochs=args.fine_tune_epochs,
+            batch_size=args.fine_tune_batch_size,
+            lr=args.fine_tune_lr,
+            task=args.task,
+            privacy=None if privacy is RECIPE_PRIVACY else privacy,
+            dataset=f"{args.fine_tune_data.name} (sha256 {_sha256(args.fine_tune_data)})",
+        )
+    except PrivacyError as exc:
+        raise _UsageError(str(exc)) from None
 
 
 def _standardization(
@@ -595,6 +693,7 @@ def _levels(report: ConversionReport) -> str:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from he_service.artifacts import ArtifactError, load_artifact
+    from he_service.privacy import privacy_lines
     from models.evaluation import evaluate_artifact
 
     directory = args.models_dir / args.name
@@ -628,6 +727,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         directory, x, y, encrypted_samples=args.samples or None, seed=args.seed
     )
     for line in evaluation.lines():
+        print(line)
+    # load_artifact checked the claim: what is printed is what the card states.
+    for line in privacy_lines(manifest.get("privacy")):
         print(line)
     return EXIT_OK
 

@@ -21,6 +21,7 @@ Every split is made the same way, so every training run and every test agrees on
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,17 +157,24 @@ def load_breast_cancer_split(seed: int = 0) -> Split:
     return _split(features, labels, N_BREAST_CANCER_TEST, seed)
 
 
-def load_digits_as_mnist(size: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """Return scikit-learn's 1,797 digits drawn like MNIST: public data for MNIST models.
+def load_digits_as_mnist(
+    seed: int = 0, copies: int = 4, size: int = 20
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return scikit-learn's 1,797 digits drawn like MNIST, plus jittered copies: public data.
 
-    Each 8x8 image is upsampled (bilinear) to ``size`` x ``size``, clipped to 0..1, centred in a
-    28x28 frame as MNIST's digits are (in a 20x20 box), and scaled to 0..255.
+    Each 8x8 image is upsampled (bilinear) to ``size`` x ``size``, clipped to 0..1 and centred
+    in a 28x28 frame, as MNIST's digits are (in a 20x20 box). ``copies`` more versions of every
+    image follow, each under a random affine map (rotation within 10 degrees, scale within
+    10%, shift within 5% of the frame) drawn from a generator seeded with ``seed``.
 
     Args:
+        seed: seed of the jitter.
+        copies: jittered copies per image.
         size: the side of the digit's box inside the 28x28 frame.
 
     Returns:
-        Images (1797, 1, 28, 28) float32 with raw pixel values 0..255, labels int64.
+        Images ``(1797 * (copies + 1), 1, 28, 28)`` float32 with raw pixel values 0..255, and
+        labels int64.
     """
     import torch
     import torch.nn.functional as F
@@ -178,7 +186,24 @@ def load_digits_as_mnist(size: int = 20) -> tuple[np.ndarray, np.ndarray]:
     frame = torch.zeros(len(small), 1, 28, 28)
     offset = (28 - size) // 2
     frame[:, :, offset : offset + size, offset : offset + size] = grown.clamp(0.0, 1.0)
-    return (frame * 255.0).numpy(), np.asarray(bunch.target, dtype=np.int64)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(frame)
+    images = [frame]
+    for _ in range(copies):
+        angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(10.0)
+        scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * 0.1
+        # affine_grid's coordinates span [-1, 1]: 0.1 is 5% of the frame.
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.1
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = torch.cos(angle) / scale
+        theta[:, 0, 1] = -torch.sin(angle) / scale
+        theta[:, 1, 0] = torch.sin(angle) / scale
+        theta[:, 1, 1] = torch.cos(angle) / scale
+        theta[:, :, 2] = shift
+        grid = F.affine_grid(theta, list(frame.shape), align_corners=False)
+        images.append(F.grid_sample(frame, grid, align_corners=False))
+    labels = np.tile(np.asarray(bunch.target, dtype=np.int64), copies + 1)
+    return (torch.cat(images) * 255.0).numpy(), labels
 
 
 def _read_maybe_gzip(path: Path) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from he_service.artifacts import DEFAULT_TASK
 from models.conversion import ConvertedNetwork
 from models.polynomial import PolyActivation
+from models.privacy import PrivacyBudget, PrivatePhase, PrivateTraining
 from models.training import (
     TrainConfig,
     Trainer,
@@ -30,7 +32,7 @@ from models.training import (
     train_loop,
 )
 
-__all__ = ["FineTuneConfig", "fine_tune", "out_of_range_fractions"]
+__all__ = ["FineTuneConfig", "FineTuning", "fine_tune", "out_of_range_fractions"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,93 @@ def fine_tune(
             for handle in handles:
                 handle.remove()
     return tuned.to(torch.float64).eval()
+
+
+# What a private fine-tuning after ``convert`` cannot cover.
+_CONVERT_OUTSIDE = (
+    "the network's weights before fine-tuning (--weights) and the calibration data "
+    "(--calibration: activation ranges, --standardize statistics, the output bound and the "
+    "per-output ranges): the guarantee covers only the fine-tuning records, so neither may "
+    "hold them",
+)
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """Fine-tuning of a converted network on given records, planned (and priced) beforehand.
+
+    ``session`` is the DP-SGD run when fine-tuning is private, None otherwise.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    config: FineTuneConfig
+    task: str
+    dataset: str
+    session: PrivateTraining | None
+
+    @classmethod
+    def plan(
+        cls,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        task: str = DEFAULT_TASK,
+        privacy: PrivacyBudget | None = None,
+        dataset: str = "",
+    ) -> FineTuning:
+        """Check the options and choose the DP noise, before anything is trained.
+
+        Args:
+            x: preprocessed records ``(n, *input_shape)``.
+            y: their labels or regression targets.
+            epochs: fine-tuning epochs.
+            batch_size: the batch size (the expected one under DP).
+            lr: Adam's learning rate.
+            task: ``classification`` or ``regression``.
+            privacy: a DP-SGD budget, or None for ordinary fine-tuning.
+            dataset: how the manifest names the records.
+
+        Returns:
+            The plan.
+
+        Raises:
+            PrivacyError: no noise multiplier meets the budget.
+        """
+        config = FineTuneConfig(epochs=epochs, batch_size=batch_size, lr=lr)
+        session = None
+        if privacy is not None:
+            session = PrivateTraining(
+                privacy, to_tensor(x, torch.float32), target_tensor(y, task), batch_size, [epochs]
+            )
+        return cls(x, y, config, task, dataset, session)
+
+    def run(
+        self, network: ConvertedNetwork
+    ) -> tuple[ConvertedNetwork, dict[str, Any], dict[str, Any] | None]:
+        """Fine-tune a copy of ``network``.
+
+        Args:
+            network: the converted network; not modified.
+
+        Returns:
+            The fine-tuned copy, the manifest's ``training`` section and, when private, its
+            ``privacy`` section.
+        """
+        trainer: Trainer = train_loop
+        if self.session is not None:
+            trainer = self.session.trainer(
+                PrivatePhase("fine-tuning", self.config.epochs, self.config.lr)
+            )
+        tuned = fine_tune(network, self.x, self.y, self.config, task=self.task, trainer=trainer)
+        training = {"fine_tuning": self.config.to_json(), "fine_tune_samples": len(self.y)}
+        if self.session is None:
+            return tuned, training, None
+        section = self.session.section(dataset=self.dataset, outside_guarantee=_CONVERT_OUTSIDE)
+        return tuned, training, section
 
 
 def out_of_range_fractions(network: ConvertedNetwork, x: np.ndarray | torch.Tensor) -> list[float]:

@@ -237,6 +237,7 @@ def export_converted(
     provenance: Mapping[str, Any] | None = None,
     task: str = DEFAULT_TASK,
     key_budget_bytes: int | None = None,
+    privacy: Mapping[str, Any] | None = None,
 ) -> ExportResult:
     """Check and export a converted network to ``<out_dir>/<name>/``.
 
@@ -254,6 +255,7 @@ def export_converted(
         provenance: the manifest's ``provenance`` section, if any.
         task: ``classification`` or ``regression``.
         key_budget_bytes: the public-key budget for both plans (None: the engine's default).
+        privacy: the manifest's ``privacy`` section after DP-SGD fine-tuning, if any.
 
     Returns:
         Where the artifact went, its weights sha256 and the compiled plans.
@@ -278,6 +280,7 @@ def export_converted(
         provenance=provenance,
         task=task,
         key_budget_bytes=key_budget_bytes,
+        privacy=privacy,
     )
     return export_artifact(out_dir, name, arrays, manifest)
 

@@ -60,7 +60,7 @@ class Pretraining:
     """Training on public data before the private phase; it costs no privacy."""
 
     description: str
-    load: Callable[[], tuple[np.ndarray, np.ndarray]]
+    load: Callable[[int], tuple[np.ndarray, np.ndarray]]  # raw samples and labels for a seed
     config: TrainConfig
 
 
@@ -136,7 +136,7 @@ class _Private:
         with deterministic_torch(seed):
             model = self.make_model()
             if self.pretraining is not None:
-                x_public, y_public = self.pretraining.load()
+                x_public, y_public = self.pretraining.load(seed)
                 x_public = preprocess_batch(x_public, prep, self.input_shape)
                 config = replace(self.pretraining.config, seed=seed)
                 train_loop(
@@ -294,7 +294,8 @@ MNIST_DP = _Private(
     phase=PrivatePhase("DP-SGD", epochs=15, lr=0.1, optimizer="sgd", momentum=0.9),
     default_privacy=PrivacyBudget(epsilon=3.0, delta=1e-5, max_grad_norm=1.0, noise_seed=0),
     pretraining=Pretraining(
-        description="sklearn.datasets.load_digits, 8x8 upsampled to 20x20 in a 28x28 frame",
+        description="sklearn.datasets.load_digits, 8x8 upsampled to 20x20 in a 28x28 frame, "
+        "with 4 randomly rotated, scaled and shifted copies of each (8,985 images)",
         load=load_digits_as_mnist,
         config=TrainConfig(epochs=30, batch_size=64, lr=1e-3),
     ),

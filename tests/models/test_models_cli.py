@@ -150,6 +150,60 @@ def test_unknown_model_exits_2_with_a_message(capsys: pytest.CaptureFixture[str]
     assert "Traceback" not in captured.err
 
 
+def test_convert_fine_tunes_privately_on_user_data(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(1)
+    np.save(workdir / "x.npy", rng.integers(0, 256, size=(200, 1, 7, 7)).astype(np.float64))
+    np.save(workdir / "y.npy", rng.integers(0, 3, size=200))
+    tuning = ["--fine-tune-data", "x.npy", "--fine-tune-targets", "y.npy"]
+    argv = _convert_args(workdir, "--name", "tiny-dp", "--degree", "2", *tuning)
+    assert main([*argv, "--dp-epsilon", "2", "--dp-noise-seed", "3"]) == 0
+    assert "with DP-SGD (epsilon 2)" in capsys.readouterr().out
+    manifest = json.loads((workdir / "out" / "tiny-dp" / "manifest.json").read_text())
+    privacy = manifest["privacy"]
+    assert privacy["epsilon"] == 2.0 and privacy["n_records"] == 200
+    assert privacy["phases"][0]["name"] == "fine-tuning" and privacy["noise_seed"] == 3
+    assert "x.npy (sha256 " in privacy["dataset"]
+    assert "--calibration" in privacy["outside_guarantee"][0]
+    assert manifest["training"]["fine_tune_samples"] == 200
+    # Without a noise seed the seed is secret: not recorded.
+    assert main([*argv, "--dp-epsilon", "2"]) == 0
+    manifest = json.loads((workdir / "out" / "tiny-dp" / "manifest.json").read_text())
+    assert manifest["privacy"]["noise_seed"] is None
+    assert "not recorded" in manifest["privacy"]["noise_seed_note"]
+    # Ordinary fine-tuning writes no privacy section.
+    assert main(_convert_args(workdir, "--name", "tiny-ft", "--degree", "2", *tuning)) == 0
+    plain = json.loads((workdir / "out" / "tiny-ft" / "manifest.json").read_text())
+    assert "privacy" not in plain and plain["training"]["fine_tuning"]["epochs"] == 5
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--dp-epsilon", "1"], "--dp-epsilon applies to fine-tuning"),
+        (["--fine-tune-data", "x.npy"], "go together"),
+        (
+            ["--fine-tune-data", "x.npy", "--fine-tune-targets", "y.npy", "--dp-epsilon", "1e-7"],
+            "no noise multiplier",
+        ),
+        (
+            ["--fine-tune-data", "x.npy", "--fine-tune-targets", "y.npy", "--dp-delta", "2"],
+            "only with --dp-epsilon",
+        ),
+    ],
+)
+def test_convert_refuses_bad_fine_tuning_options(
+    workdir: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.save(workdir / "x.npy", np.zeros((10, 1, 7, 7)))
+    np.save(workdir / "y.npy", np.zeros(10, dtype=np.int64))
+    assert main(_convert_args(workdir, "--name", "tiny-bad", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (workdir / "out" / "tiny-bad").exists()
+
+
 def test_evaluate_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", "no-such-model"]) == 2
     assert "no manifest.json" in capsys.readouterr().err
@@ -167,6 +221,16 @@ def test_evaluate_prints_the_four_numbers(capsys: pytest.CaptureFixture[str]) ->
     assert "encrypted accuracy: " in out and "on 4 samples (seed 0)" in out
     assert "encrypted/polynomial agreement: 1.0000" in out
     assert "outside the calibrated ranges" in out
+    assert "privacy: This model was trained without differential privacy" in out
+
+
+def test_evaluate_prints_the_dp_guarantee(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "breast-cancer-mlp-dp", "--samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "privacy: (1, 1e-05)-differentially private with respect to one training record" in out
+    assert "455 training records" in out and "noise multiplier" in out
+    assert "outside the guarantee: " in out and "held-out split" in out
+    assert "noise seed: 0, published" in out
 
 
 def test_evaluate_a_converted_model_with_its_own_data(
@@ -189,9 +253,11 @@ def test_list_names_the_recipes(capsys: pytest.CaptureFixture[str]) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == [
         "breast-cancer-mlp",
+        "breast-cancer-mlp-dp",
         "digits-cnn",
         "digits-resnet",
         "mnist-cnn",
+        "mnist-cnn-dp",
         "mnist-lenet5",
     ]
     shipped = {line.split()[0]: "not shipped" not in line for line in lines}
