@@ -213,8 +213,9 @@ def _parser() -> argparse.ArgumentParser:
         help="retrain a recipe at several privacy budgets and print held-out accuracy",
         description="Retrain a recipe (plaintext only, nothing exported) at each epsilon and "
         "print a markdown table of held-out accuracy, noise multiplier and training time. "
-        "'none' trains without differential privacy. The noise seed is the recipe's published "
-        "one (or --dp-noise-seed), so the table is reproducible.",
+        "'none' trains without differential privacy (a DP recipe: the same steps with noise "
+        "multiplier 0, so the table shows what the noise costs). The noise seed is the "
+        "recipe's published one (or --dp-noise-seed), so the table is reproducible.",
     )
     sweep.add_argument("name", help="model recipe, see `he-models list`")
     sweep.add_argument(
@@ -416,6 +417,9 @@ def _sweep(args: argparse.Namespace) -> int:
             trained = recipe.prepare(args.seed, args.split_seed, chosen)
         except PrivacyError as exc:
             raise _UsageError(str(exc)) from None
+        except ExportError as exc:  # e.g. outputs past the engine's limit: nothing to tabulate
+            print(f"he-models: error: {recipe.name} at epsilon {label}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         sigma = trained.manifest.get("privacy", {}).get("noise_multiplier")
         noise = "-" if sigma is None else f"{sigma:.3f}"
         print(

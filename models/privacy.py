@@ -51,6 +51,7 @@ __all__ = [
     "PrivateTraining",
     "plan_noise",
     "private_network",
+    "train_without_noise",
 ]
 
 DEFAULT_DELTA = 1e-5
@@ -220,6 +221,69 @@ def private_network(model: nn.Module) -> nn.Module:
     return fixed
 
 
+def train_without_noise(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    phase: PrivatePhase,
+    batch_size: int,
+    max_grad_norm: float,
+) -> None:
+    """Run DP-SGD's steps with noise multiplier 0: the non-private baseline of a DP recipe.
+
+    Poisson sampling and per-record clipping stay, so comparing it with a private run shows
+    what the noise alone costs. No guarantee holds (epsilon is infinite). Call it inside
+    ``deterministic_torch``: the sampling uses torch's global generator.
+
+    Args:
+        model: the network (fixed for Opacus); trained in place, left in eval mode.
+        x: the preprocessed records.
+        y: their labels.
+        phase: epochs and optimizer.
+        batch_size: the expected batch size.
+        max_grad_norm: the clipping norm.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()  # Opacus refuses a module in eval mode
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        engine = PrivacyEngine(accountant=ACCOUNTANT)
+        wrapped, optimizer, batches = engine.make_private(
+            module=model,
+            optimizer=phase.make_optimizer(trainable),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=batch_size),
+            noise_multiplier=0.0,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
+        )
+        _epochs(wrapped, optimizer, batches, phase.epochs, nn.CrossEntropyLoss(), None)
+    wrapped._close()
+    model.eval()
+
+
+def _epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: DataLoader[Any],
+    epochs: int,
+    loss_fn: nn.Module,
+    extra_loss: Callable[[], torch.Tensor] | None,
+) -> int:
+    """Train for ``epochs`` passes over ``batches``; return the number of steps."""
+    steps = 0
+    for _ in range(epochs):
+        for xb, yb in batches:
+            optimizer.zero_grad()
+            loss = loss_fn(model(xb), yb)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+    return steps
+
+
 class PrivateTraining:
     """DP-SGD over one set of private records, in one or more phases sharing one accountant.
 
@@ -287,8 +351,7 @@ class PrivateTraining:
         trainable = [p for p in model.parameters() if p.requires_grad]
         loader = DataLoader(self._records, batch_size=self.batch_size)
         loss_fn: nn.Module = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
-        steps = 0
-        model.train()
+        model.train()  # Opacus refuses a module in eval mode
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             # torch's note that no input needs a gradient: the records never do.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -302,15 +365,7 @@ class PrivateTraining:
                 poisson_sampling=True,
                 noise_generator=self._noise,
             )
-            for _ in range(phase.epochs):
-                for xb, yb in batches:
-                    optimizer.zero_grad()
-                    loss = loss_fn(private(xb), yb)
-                    if extra_loss is not None:
-                        loss = loss + extra_loss()
-                    loss.backward()
-                    optimizer.step()
-                    steps += 1
+            steps = _epochs(private, optimizer, batches, phase.epochs, loss_fn, extra_loss)
         private._close()
         model.eval()
         self.phases.append(

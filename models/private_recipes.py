@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from models._recipe_common import (
     RECIPE_PRIVACY,
@@ -40,7 +39,7 @@ from models.datasets import (
 )
 from models.export import torch_release
 from models.packaging import check_output_bound, converted_manifest
-from models.privacy import PrivacyBudget, PrivatePhase, PrivateTraining
+from models.privacy import PrivacyBudget, PrivatePhase, PrivateTraining, train_without_noise
 from models.training import (
     MNIST_MEAN,
     MNIST_STD,
@@ -62,22 +61,6 @@ class Pretraining:
     description: str
     load: Callable[[int], tuple[np.ndarray, np.ndarray]]  # raw samples and labels for a seed
     config: TrainConfig
-
-
-def _train_plainly(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, phase: PrivatePhase, batch_size: int
-) -> None:
-    """Train like the private phase, without clipping or noise (the sweep's "none")."""
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
-    optimizer = phase.make_optimizer([p for p in model.parameters() if p.requires_grad])
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    for _ in range(phase.epochs):
-        for xb, yb in loader:
-            optimizer.zero_grad()
-            loss_fn(model(xb), yb).backward()
-            optimizer.step()
-    model.eval()
 
 
 @dataclass(frozen=True)
@@ -159,7 +142,8 @@ class _Private:
                 )
             session = None
             if budget is None:
-                _train_plainly(model, inputs, labels, self.phase, self.batch_size)
+                clip = self.default_privacy.max_grad_norm
+                train_without_noise(model, inputs, labels, self.phase, self.batch_size, clip)
             else:
                 session = PrivateTraining(
                     budget, inputs, labels, self.batch_size, [self.phase.epochs]
@@ -186,7 +170,9 @@ class _Private:
                 outside_guarantee=outside,
             )
         else:
-            training["differential_privacy"] = "none: trained without clipping or noise"
+            training["differential_privacy"] = (
+                "none: DP-SGD's steps with noise multiplier 0 (sampling and clipping kept)"
+            )
         manifest, arrays = converted_manifest(
             network,
             self.name,
