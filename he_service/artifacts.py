@@ -147,6 +147,9 @@ class ModelArtifact:
 def load_artifact(path: Path | str) -> ModelArtifact:
     """Load an artifact directory and check it completely.
 
+    A ``privacy`` section (a differential-privacy claim) is checked by recomputing its
+    epsilon (``he_service.privacy.check_privacy``).
+
     Args:
         path: directory holding ``manifest.json`` and the weights file it names.
 
@@ -154,7 +157,8 @@ def load_artifact(path: Path | str) -> ModelArtifact:
         The checked artifact.
 
     Raises:
-        ArtifactError: with a message that names the file and the exact problem.
+        ArtifactError: with a message that names the file and the exact problem, or says
+            which differential-privacy claim the recorded parameters do not support.
     """
     root = Path(path)
     manifest_path = root / MANIFEST_FILE

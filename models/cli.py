@@ -351,7 +351,7 @@ def _train(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     s = result.summary
     print(
-        f"{result.name}: original (ReLU) accuracy {s['original_accuracy']:.4f}, "
+        f"{result.name}: original accuracy {s['original_accuracy']:.4f}, "
         f"polynomial accuracy {s['poly_accuracy']:.4f}, "
         f"encrypted accuracy {s['encrypted_accuracy']:.4f} and agreement "
         f"{s['encrypted_agreement']:.4f} on {s['encrypted_samples']} samples"

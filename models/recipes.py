@@ -7,6 +7,11 @@ fine-tune the converted network, check its outputs against the engine's headroom
 encrypted (``models.evaluation``), and record every number in the manifest's ``training``
 section. To add a model, declare a ``_Converted`` recipe and register it in ``RECIPES``.
 
+Any recipe trains with differential privacy when given a ``PrivacyBudget`` (``he-models train
+--dp-epsilon``): both trainings become DP-SGD phases of one accountant and everything else reads
+the held-out split (see ``_Converted``). The shipped DP models are ``models.private_recipes``
+recipes, trained directly with fixed polynomial activations.
+
 ``shipped`` recipes have their artifact in ``models/artifacts/`` (and the tests retrain them bit
 for bit); the others can be trained but are not shipped yet.
 """
