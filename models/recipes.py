@@ -248,7 +248,10 @@ class _Converted:
         }
         privacy_section = None
         if session is not None:
-            training["original"] += " (GroupNorm in place of BatchNorm), trained with DP-SGD"
+            training["original"] += (
+                ", trained with DP-SGD (any BatchNorm as GroupNorm, lowered afterwards to a "
+                "fixed affine map with held-out statistics)"
+            )
             privacy_section = session.section(
                 dataset=f"{self.dataset}, training split ({self.split_description})",
                 outside_guarantee=_HELD_OUT_USES,
