@@ -117,6 +117,10 @@ class _Private:
             "optimizer": self.phase.description(),
         }
         outside = [_HELD_OUT_USES]
+        # The noise is planned first: a budget no noise can meet fails before any training.
+        session = None
+        if budget is not None:
+            session = PrivateTraining(budget, inputs, labels, self.batch_size, [self.phase.epochs])
         with deterministic_torch(seed):
             model = self.make_model()
             if self.pretraining is not None:
@@ -141,14 +145,10 @@ class _Private:
                     f"the public pretraining data ({self.pretraining.description}): not "
                     "private, so it needs no guarantee"
                 )
-            session = None
-            if budget is None:
+            if session is None:
                 clip = self.default_privacy.max_grad_norm
                 train_without_noise(model, inputs, labels, self.phase, self.batch_size, clip)
             else:
-                session = PrivateTraining(
-                    budget, inputs, labels, self.batch_size, [self.phase.epochs]
-                )
                 session.train(model, self.phase)
             network, report = convert(model, x_test)
             accuracy = classifier_accuracy(network, x_test, y_test)

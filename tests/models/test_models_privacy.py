@@ -185,3 +185,15 @@ def test_sweep_refuses_bad_budgets(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--epsilons takes numbers or 'none'" in capsys.readouterr().err
     assert main(["sweep", "breast-cancer-mlp-dp", "--epsilons", "-1"]) == 2
     assert "--dp-epsilon must be a positive number" in capsys.readouterr().err
+
+
+def test_a_dp_recipe_prices_its_budget_before_public_pretraining(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained before the budget was checked")
+
+    monkeypatch.setattr("models.private_recipes.train_loop", no_training)
+    argv = ["train", "mnist-cnn-dp", "--out", str(tmp_path), "--dp-epsilon", "1e-7"]
+    assert main(argv) == 2
+    assert "no noise multiplier reaches epsilon 1e-07" in capsys.readouterr().err
