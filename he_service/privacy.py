@@ -22,6 +22,7 @@ from typing import Any
 __all__ = [
     "ACCOUNTANT",
     "EPSILON_TOLERANCE",
+    "MAX_PHASES",
     "NO_PRIVACY",
     "RDP_ORDERS",
     "PrivacyClaimError",
@@ -36,6 +37,8 @@ ACCOUNTANT = "rdp"
 RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 # Relative slack for the recomputed epsilon: float rounding, not a looser guarantee.
 EPSILON_TOLERANCE = 1e-9
+# Each phase costs an RDP computation at load: a bound keeps a hostile manifest cheap.
+MAX_PHASES = 16
 NO_PRIVACY = {
     "differential_privacy": False,
     "statement": (
@@ -166,8 +169,8 @@ def check_privacy(section: Any) -> dict[str, Any]:
             f"privacy.noise_seed must be an integer or null (a secret seed), got {seed!r:.40}"
         )
     phases = section["phases"]
-    if not phases:
-        raise PrivacyClaimError("privacy.phases is empty")
+    if not 1 <= len(phases) <= MAX_PHASES:
+        raise PrivacyClaimError(f"privacy.phases must hold 1 to {MAX_PHASES} phases")
     for index, phase in enumerate(phases):
         where = f"privacy.phases[{index}]"
         if not isinstance(phase, dict):

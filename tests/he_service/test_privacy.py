@@ -63,7 +63,8 @@ def test_the_shipped_claim_is_supported_by_dp_accounting() -> None:
         (lambda p: p.update(accountant="prv"), "not 'rdp'"),
         (lambda p: p.update(expected_batch_size=400), "contradicts"),
         (lambda p: p.update(epsilon_spent=p["epsilon"] * 2), "epsilon_spent"),
-        (lambda p: p.update(phases=[]), "phases is empty"),
+        (lambda p: p.update(phases=[]), "must hold 1 to 16 phases"),
+        (lambda p: p.update(phases=p["phases"] * 17), "must hold 1 to 16 phases"),
     ],
 )
 def test_a_claim_its_parameters_do_not_support_is_refused(
