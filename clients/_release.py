@@ -4,9 +4,11 @@ A raw CKKS decryption is ``m + e`` with an error ``e`` that depends on the secre
 sees it next to the ciphertext (the server, or anyone it is shared with) can solve for the key
 (Li and Micciancio, EUROCRYPT 2021). So the SDK never returns it. ``release`` decrypts,
 measures the noise of each ciphertext from the imaginary parts of its slots (outputs are real,
-so those are pure noise; the estimate OpenFHE uses), adds Gaussian noise of ``FLOOD_FACTOR``
-times that spread to the outputs, rounds them to multiples of the plan's
-``output_precision`` and drops everything else (the other slots, the imaginary parts).
+so those are pure noise; the estimate OpenFHE uses, made robust with the median so that one
+sample of a batch far outside the data does not set every sample's noise), adds Gaussian noise
+of ``FLOOD_FACTOR`` times that spread to the outputs the ciphertext holds, rounds them to
+multiples of the plan's ``output_precision`` and drops everything else (the other slots, the
+imaginary parts).
 
 What this buys, honestly: it is OpenFHE's default decryption (``FIXED_NOISE_DECRYPT``, noise
 ``sqrt(2)`` times the measured spread) plus rounding to the card's grid, so a released value
@@ -33,6 +35,8 @@ __all__ = ["FLOOD_FACTOR", "release"]
 
 # OpenFHE's default decryption adds sqrt(M + 1) times the measured noise, with M = 1.
 FLOOD_FACTOR = math.sqrt(2)
+# The standard deviation of a centred Gaussian is this times the median of its absolute values.
+_MEDIAN_TO_STD = 1.4826
 
 
 def release(
@@ -58,9 +62,13 @@ def release(
         ProtocolError: the ciphertexts do not decode as the plan says.
     """
     slots = [keys._decrypt_slots(ct) for ct in ciphertexts]
-    spread = max(float(np.std(s.imag)) for s in slots)
     values = decoding.decode([s.real for s in slots], count)
+    # Decoding each ciphertext's spread like its values gives every output its own ciphertext's.
+    spreads = decoding.decode(
+        [np.full(s.shape, _MEDIAN_TO_STD * float(np.median(np.abs(s.imag)))) for s in slots],
+        count,
+    )
     # A generator freshly seeded from the operating system's entropy for every release, so the
     # flooding noise of one answer tells nothing about another's.
-    noise = np.random.default_rng().normal(0.0, FLOOD_FACTOR * spread, values.shape)
+    noise = np.random.default_rng().normal(0.0, 1.0, values.shape) * FLOOD_FACTOR * spreads
     return np.asarray(np.round((values + noise) / step) * step)
