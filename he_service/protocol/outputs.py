@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from he_service.protocol._fields import is_finite_number
 from he_service.protocol.errors import ProtocolError
 
 __all__ = ["OutputRanges", "output_step", "read_output_ranges", "rows_out_of_range"]
@@ -49,7 +50,7 @@ def read_output_ranges(value: Any, outputs: int, where: str) -> OutputRanges | N
         if (
             not isinstance(pair, list)
             or len(pair) != 2
-            or not all(type(v) in (int, float) and math.isfinite(v) for v in pair)
+            or not all(is_finite_number(v) for v in pair)
             or pair[0] > pair[1]
         ):
             raise ProtocolError(

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import clients
 from clients import HEClient, KeySet, ModelSession, OutOfRangeWarning, Outputs
+from clients.cli import _print_prediction
 from he_service.artifacts import load_artifact
 from he_service.config import DEFAULT_MODELS_DIR
 from he_service.engine import forward_plain
@@ -143,15 +145,35 @@ def test_card_round_trip_carries_precision_and_ranges(client: HEClient) -> None:
         ModelCard.from_json({**doc, "output": {**doc["output"], "ranges": None}}).output_ranges
         is None
     )
-    bad = {**doc, "output": {**doc["output"], "ranges": [[1.0, 0.0], [0.0, 1.0]]}}
-    with pytest.raises(ProtocolError, match="low <= high"):
-        ModelCard.from_json(bad)
+    for ranges in ([[1.0, 0.0], [0.0, 1.0]], [[0, 10**400], [0.0, 1.0]], [[0.0, 1.0]]):
+        bad = {**doc, "output": {**doc["output"], "ranges": ranges}}
+        with pytest.raises(ProtocolError, match="card.output.ranges must"):
+            ModelCard.from_json(bad)
+    plan = dict(doc["plans"]["batch"])
+    with pytest.raises(ProtocolError, match="output_precision must be a finite number"):
+        ModelCard.from_json(
+            {**doc, "plans": {**doc["plans"], "batch": {**plan, "output_precision": 10**400}}}
+        )
     plan = dict(doc["plans"]["batch"])
     del plan["output_precision"]
     with pytest.raises(ProtocolError, match="output_precision"):
         ModelCard.from_json({**doc, "plans": {**doc["plans"], "batch": plan}})
     with pytest.raises(ProtocolError, match="upgrade the client"):
         ModelCard.from_json({**doc, "card_version": 2})
+
+
+def test_cli_prints_the_precision_and_flags_unreliable_outputs(
+    breast_session: ModelSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ranges = breast_session.card.output_ranges
+    assert ranges is not None
+    far = Outputs(np.array([ranges[0][1] + 1.0, 0.0]), ranges)
+    _print_prediction(breast_session, Path("x.npy"), far)
+    out = capsys.readouterr().out
+    assert f"output precision: {breast_session.spec.output_precision:g}" in out
+    assert "UNRELIABLE" in out
+    _print_prediction(breast_session, Path("x.npy"), Outputs(np.zeros(2), ranges))
+    assert "UNRELIABLE" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ from he_service.artifacts import load_artifact
 from he_service.config import DEFAULT_MODELS_DIR, Config
 from he_service.engine import forward_plain
 from he_service.protocol import (
+    CARD_VERSION,
     MEDIA_TYPE,
     CkksParams,
     KeyBundle,
@@ -560,7 +561,11 @@ def test_model_card_from_json(world: World, record_property: Any) -> None:
     cards = _cards(world)
     arbitrary = st.dictionaries(
         st.one_of(st.sampled_from(CARD_KEYS), st.text(max_size=8)), JSON_VALUES, max_size=8
-    ).map(lambda doc: {"card_version": 2, **doc} if doc.get("card_version") is None else doc)
+    ).map(
+        lambda doc: (
+            {"card_version": CARD_VERSION, **doc} if doc.get("card_version") is None else doc
+        )
+    )
     inf_steps = copy.deepcopy(cards[0])
     inf_steps["plans"]["latency"]["ckks"]["galois_steps"] = [float("inf")]
 
