@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 
 from clients import HEClient
-from clients._release import FLOOD_FACTOR, release
+from clients._release import FLOOD_FACTOR, noise_spread, release
 from he_service import create_app
 from he_service.artifacts import load_artifact
 from he_service.config import DEFAULT_MODELS_DIR
@@ -27,7 +27,6 @@ from he_service.engine import forward_plain
 from he_service.protocol import preprocess
 
 PROVABLE = math.sqrt(12) * 2**15
-_MEDIAN_TO_STD = 1.4826
 
 
 def measure(client: HEClient, name: str, plan: str, count: int) -> str:
@@ -52,7 +51,7 @@ def measure(client: HEClient, name: str, plan: str, count: int) -> str:
         outputs, _ = client.predict_raw(name, session.context_id, ciphertexts, plan=plan)
         slots = [session.keys._decrypt_slots(ct) for ct in outputs]
         raws.append(spec.output_decoding.decode([s.real for s in slots], samples))
-        spreads += [_MEDIAN_TO_STD * float(np.median(np.abs(s.imag))) for s in slots]
+        spreads += [noise_spread(s) for s in slots]
         released.append(
             release(session.keys, outputs, spec.output_decoding, samples, spec.output_precision)
         )

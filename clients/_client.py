@@ -156,7 +156,8 @@ class HEClient:
                 fresh keys are generated with the plan's parameters.
 
         Returns:
-            A session whose ``predict``/``predict_many`` return decrypted outputs.
+            A session whose ``predict``/``predict_many`` return released outputs (rounded to
+            the plan's output precision, flagged outside the calibrated ranges).
 
         Raises:
             ProtocolError: the model does not offer this plan.

@@ -31,7 +31,7 @@ import numpy as np
 from clients._crypto import KeySet
 from he_service.protocol.card import OutputDecoding
 
-__all__ = ["FLOOD_FACTOR", "release"]
+__all__ = ["FLOOD_FACTOR", "noise_spread", "release"]
 
 # OpenFHE's default decryption adds sqrt(M + 1) times the measured noise, with M = 1.
 FLOOD_FACTOR = math.sqrt(2)
@@ -64,11 +64,17 @@ def release(
     slots = [keys._decrypt_slots(ct) for ct in ciphertexts]
     values = decoding.decode([s.real for s in slots], count)
     # Decoding each ciphertext's spread like its values gives every output its own ciphertext's.
-    spreads = decoding.decode(
-        [np.full(s.shape, _MEDIAN_TO_STD * float(np.median(np.abs(s.imag)))) for s in slots],
-        count,
-    )
+    spreads = decoding.decode([np.full(s.shape, noise_spread(s)) for s in slots], count)
     # A generator freshly seeded from the operating system's entropy for every release, so the
     # flooding noise of one answer tells nothing about another's.
     noise = np.random.default_rng().normal(0.0, 1.0, values.shape) * FLOOD_FACTOR * spreads
     return np.asarray(np.round((values + noise) / step) * step)
+
+
+def noise_spread(slots: np.ndarray) -> float:
+    """Estimate the standard deviation of a decrypted ciphertext's noise from its complex slots.
+
+    The imaginary parts of real outputs are pure noise; the median of their absolute values
+    ignores the few slots whose values (and so noise) are far larger than the others'.
+    """
+    return _MEDIAN_TO_STD * float(np.median(np.abs(np.asarray(slots).imag)))

@@ -12,6 +12,7 @@ import pytest
 
 import clients
 from clients import HEClient, KeySet, ModelSession, OutOfRangeWarning, Outputs
+from clients._release import noise_spread
 from clients.cli import _print_prediction
 from he_service.artifacts import load_artifact
 from he_service.config import DEFAULT_MODELS_DIR
@@ -181,3 +182,10 @@ def test_cli_prints_the_precision_and_flags_unreliable_outputs(
 )
 def test_output_step_is_the_next_power_of_two(bound: float, step: float) -> None:
     assert output_step(bound) == step
+
+
+def test_noise_spread_measures_the_imaginary_noise_and_ignores_outlying_slots() -> None:
+    rng = np.random.default_rng(0)
+    slots = rng.normal(5.0, 1.0, 4096) + 1j * rng.normal(0.0, 0.01, 4096)
+    slots[:20] += 1j * 1e3  # a few slots far out, as a far sample of a batch group
+    assert noise_spread(slots) == pytest.approx(0.01, rel=0.1)
