@@ -156,8 +156,9 @@ def load_target(name: str, models_dir: Path = DEFAULT_OUT_DIR) -> AuditTarget:
 
 
 def _epsilon(manifest: dict[str, Any]) -> float | None:
+    # Only DP-trained artifacts have a privacy section; the loader has checked its epsilon.
     privacy = manifest.get("privacy")
-    if isinstance(privacy, dict) and privacy.get("differential_privacy"):
+    if isinstance(privacy, dict) and "epsilon" in privacy:
         return float(privacy["epsilon"])
     return None
 

@@ -51,7 +51,7 @@ def test_attacks_find_nothing_when_no_sample_trained_the_target() -> None:
     # The DP epsilon is read from the manifest's privacy section.
     manifest = {
         **target.artifact.manifest,
-        "privacy": {"differential_privacy": True, "epsilon": 2.5},
+        "privacy": {"epsilon": 2.5, "delta": 1e-5},
     }
     artifact = replace(target.artifact, manifest=manifest)
     result = audit(replace(target, artifact=artifact, split=split), shadows=2)
