@@ -4,8 +4,9 @@ The target is the artifact's plaintext polynomial network (what the server compu
 ``models.evaluation.artifact_forward``) on its own split: members are the training samples,
 non-members the held-out ones. The loss-threshold attack needs only the target; LiRA trains
 shadow models with the artifact's recipe (``Recipe.prepare_split``: plaintext training,
-conversion, fine-tuning) on random halves of the pool of both, so the audit needs the recipe
-and the split the manifest records (see ``models.membership`` for the attacks).
+conversion, fine-tuning) on random subsets of the pool of both, each as large as the target's
+training split, so the audit needs the recipe and the split the manifest records (see
+``models.membership`` for the attacks).
 """
 
 from __future__ import annotations
@@ -166,12 +167,13 @@ def _epsilon(manifest: dict[str, Any]) -> float | None:
 def audit(target: AuditTarget, *, shadows: int = 4, seed: int = 0) -> AuditResult:
     """Run the loss-threshold attack and LiRA against an artifact.
 
-    Deterministic for a seed: the seed picks each shadow model's half of the pool and its
+    Deterministic for a seed: the seed picks each shadow model's training samples and its
     training seed, and recipes train deterministically.
 
     Args:
         target: from ``load_target``.
-        shadows: number of shadow models, at least 2; each sample trains half of them.
+        shadows: number of shadow models, at least 2; each sample trains as many of them
+            as the training split's share of the pool says (but at least one, and never all).
         seed: seed of the shadow models' data and training seeds.
 
     Returns:
@@ -190,14 +192,16 @@ def audit(target: AuditTarget, *, shadows: int = 4, seed: int = 0) -> AuditResul
     held_out_accuracy = float(np.mean(outputs[~is_member].argmax(axis=1) == split.y_test))
 
     rng = np.random.default_rng(seed)
-    shadow_in = shadow_membership(len(pool_y), shadows, rng)
+    shadow_in = shadow_membership(
+        len(pool_y), shadows, rng, in_fraction=split.n_train / len(pool_y)
+    )
     training_seeds = rng.integers(2**31, size=shadows)
     statistics = np.empty(shadow_in.shape)
     correct = []
     for k in range(shadows):
         inside = shadow_in[k]
-        half = Split(pool_x[inside], pool_y[inside], pool_x[~inside], pool_y[~inside])
-        trained = target.recipe.prepare_split(half, int(training_seeds[k]), target.split_seed)
+        part = Split(pool_x[inside], pool_y[inside], pool_x[~inside], pool_y[~inside])
+        trained = target.recipe.prepare_split(part, int(training_seeds[k]), target.split_seed)
         # Shadow models are not exported (that compiles CKKS plans): their float64 network is
         # the function their artifact would compute, fed with their own preprocessing.
         shadow_x = preprocess_batch(

@@ -204,8 +204,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Attack each artifact's plaintext polynomial network on its own split "
         "(members: the training split, non-members: the held-out split) with the loss-threshold "
         "attack and the online likelihood-ratio attack (LiRA), whose shadow models the recipe "
-        "trains on random halves of both splits. Prints each attack's AUC and true-positive "
-        "rate at 1% false positives, the held-out accuracy, the DP epsilon and the time taken.",
+        "trains on random subsets of both splits, each as large as the training split. Prints "
+        "each attack's AUC and true-positive rate at 1% false positives, the held-out accuracy, "
+        "the DP epsilon and the time taken.",
     )
     audit.add_argument("names", nargs="+", metavar="NAME", help="artifact made by a recipe")
     audit.add_argument(
@@ -218,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
-        help="seed of the shadow models' data halves and training (default: %(default)s)",
+        help="seed of the shadow models' data and training (default: %(default)s)",
     )
     audit.add_argument(
         "--models-dir",

@@ -125,19 +125,24 @@ def logit_confidence(outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return confidence
 
 
-def shadow_membership(samples: int, shadows: int, rng: np.random.Generator) -> np.ndarray:
+def shadow_membership(
+    samples: int, shadows: int, rng: np.random.Generator, *, in_fraction: float = 0.5
+) -> np.ndarray:
     """Choose which pool samples train which shadow model.
 
-    Shadow models come in pairs: one trains on a random half of the pool, the other on the
-    rest. So every shadow model trains on half of the pool (its training set is as large as
-    the recipe's batches expect, give or take one), and with ``shadows >= 2`` every sample is
-    IN for about half of the shadow models and OUT for the others; an odd last shadow model
-    takes a random half of its own.
+    Every sample is IN for the same number of shadow models, ``round(shadows * in_fraction)``
+    kept between 1 and ``shadows - 1`` so that it has IN and OUT statistics, and every shadow
+    model trains on the same number of samples, give or take one: taken in random order, each
+    sample is OUT for the shadow models with the fewest OUT samples so far, ties broken at
+    random. ``in_fraction`` is the share of the pool the target trained on: shadow models
+    must resemble the target, and a model trained on less data is less confident on every
+    sample, members or not.
 
     Args:
         samples: size of the pool.
         shadows: number of shadow models, at least 2.
         rng: the random generator (seeded by the caller).
+        in_fraction: the share of the pool each shadow model should train on.
 
     Returns:
         Booleans ``(shadows, samples)``: True where the sample trains the shadow model.
@@ -147,12 +152,14 @@ def shadow_membership(samples: int, shadows: int, rng: np.random.Generator) -> n
     """
     if shadows < 2:
         raise ValueError(f"LiRA needs at least 2 shadow models, got {shadows}")
-    membership = np.zeros((shadows, samples), dtype=bool)
-    for k in range(0, shadows, 2):
-        half = rng.permutation(samples)[: samples // 2]
-        membership[k, half] = True
-        if k + 1 < shadows:
-            membership[k + 1] = ~membership[k]
+    outside = shadows - min(max(round(shadows * in_fraction), 1), shadows - 1)
+    membership = np.ones((shadows, samples), dtype=bool)
+    out_counts = np.zeros(shadows)
+    for sample in rng.permutation(samples):
+        # Counts are integers: the random fraction only breaks ties among the least loaded.
+        chosen = np.argsort(out_counts + rng.random(shadows))[:outside]
+        membership[chosen, sample] = False
+        out_counts[chosen] += 1
     return membership
 
 

@@ -70,17 +70,33 @@ def test_logit_confidence_stays_finite_where_softmax_saturates() -> None:
     np.testing.assert_allclose(logit_confidence(outputs, np.array([0, 1])), [1000.0, -1000.0])
 
 
-@pytest.mark.parametrize("shadows", [2, 3, 4, 7])
-def test_every_sample_trains_about_half_the_shadow_models(shadows: int) -> None:
-    samples = 11
-    membership = shadow_membership(samples, shadows, np.random.default_rng(5))
+@pytest.mark.parametrize(
+    ("shadows", "in_fraction", "inside"),
+    [
+        (2, 0.5, 1),
+        (4, 0.5, 2),
+        (7, 0.5, 4),  # round(3.5)
+        (4, 0.8, 3),
+        (5, 0.8, 4),
+        (4, 0.99, 3),  # never IN for all: LiRA needs an OUT statistic
+        (4, 0.01, 1),  # never OUT for all
+    ],
+)
+def test_every_sample_trains_the_same_number_of_equal_shadow_models(
+    shadows: int, in_fraction: float, inside: int
+) -> None:
+    samples = 40
+    rng = np.random.default_rng(5)
+    membership = shadow_membership(samples, shadows, rng, in_fraction=in_fraction)
     assert membership.shape == (shadows, samples)
-    per_sample = membership.sum(axis=0)
-    assert per_sample.min() >= 1 and (shadows - per_sample).min() >= 1
-    assert set(per_sample) <= {shadows // 2, (shadows + 1) // 2}
-    # Each shadow model trains on half of the pool, rounded either way.
-    assert set(membership.sum(axis=1)) <= {samples // 2, samples - samples // 2}
-    again = shadow_membership(samples, shadows, np.random.default_rng(5))
+    assert set(membership.sum(axis=0).tolist()) == {inside}
+    # The OUT samples are spread evenly: training sets differ in size by at most one.
+    out_share = samples * (shadows - inside) / shadows
+    out_counts = set((samples - membership.sum(axis=1)).tolist())
+    assert out_counts <= {math.floor(out_share), math.ceil(out_share)}
+    # No two shadow models share their training set: each adds its own statistics.
+    assert len({row.tobytes() for row in membership}) == shadows
+    again = shadow_membership(samples, shadows, np.random.default_rng(5), in_fraction=in_fraction)
     np.testing.assert_array_equal(membership, again)
 
 
