@@ -41,6 +41,7 @@ import numpy as np
 
 from he_service.artifacts import DEFAULT_TASK, TASKS
 from he_service.engine import DEFAULT_KEY_BUDGET_BYTES
+from models.audit import DEFAULT_SHADOWS
 from models.export import ExportError, plan_lines, torch_release
 from models.recipes import DEFAULT_OUT_DIR, RECIPES, UnknownModelError, build
 
@@ -212,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--shadows",
         type=int,
-        default=8,
+        default=DEFAULT_SHADOWS,
         help="shadow models for LiRA, at least 2 (default: %(default)s)",
     )
     audit.add_argument(
