@@ -387,7 +387,9 @@ def measure(row: Row, compiled: CompiledModel, samples: int) -> Measured:
         row.status, row.reason = "failed", f"evaluation: {exc}"
         raise
     row.response_bytes = len(outputs[0])
-    decrypted = np.stack([decode_output(keys.decrypt(o), plan.output_decoding) for o in outputs])
+    decrypted = np.stack(
+        [decode_output(keys._decrypt_slots(o).real, plan.output_decoding) for o in outputs]
+    )
     expected = np.stack([forward_plain(artifact, x) for x in prepared])
     row.max_abs_error = float(np.abs(decrypted - expected).max())
     if data.task == "classification":

@@ -48,7 +48,7 @@ def _decrypt_group(session: ModelSession, answers: list[bytes], count: int) -> n
     """Decrypt one group's output ciphertexts into (count, outputs) logits."""
     from he_service.protocol.batch_encoding import decode_batch
 
-    return decode_batch([np.stack([session.keys.decrypt(a) for a in answers])], count)
+    return decode_batch([np.stack([session.keys._decrypt_slots(a).real for a in answers])], count)
 
 
 def _logit_error(heldout: HeldOut, model: str, logits: np.ndarray) -> tuple[float, int]:

@@ -17,6 +17,7 @@ from clients._errors import (
     ServiceUnavailableError,
     TransportError,
 )
+from clients._outputs import OutOfRangeWarning, Outputs
 from clients._retry import Retry
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "ModelNotFoundError",
     "ModelSession",
     "NotFoundError",
+    "OutOfRangeWarning",
+    "Outputs",
     "ParameterMismatchError",
     "PayloadTooLargeError",
     "RateLimitedError",

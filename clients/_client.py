@@ -21,6 +21,8 @@ from clients._errors import (
     TransportError,
     error_from_response,
 )
+from clients._outputs import Outputs, flagged_outputs
+from clients._release import release
 from clients._retry import NO_RETRY, Retry, call_with_retries
 from he_service.protocol import (
     CONTEXT_HEADER,
@@ -154,7 +156,8 @@ class HEClient:
                 fresh keys are generated with the plan's parameters.
 
         Returns:
-            A session whose ``predict``/``predict_many`` return decrypted outputs.
+            A session whose ``predict``/``predict_many`` return released outputs (rounded to
+            the plan's output precision, flagged outside the calibrated ranges).
 
         Raises:
             ProtocolError: the model does not offer this plan.
@@ -285,20 +288,35 @@ class ModelSession:
         (vectors,) = self.spec.input_encoding.units(sample[None])
         return [self.keys.encrypt(v) for v in vectors]
 
-    def decrypt(self, ciphertext: bytes) -> np.ndarray:
-        """Decrypt and decode one sample's output ciphertext (latency plan) into its outputs."""
-        return np.asarray(self.spec.output_decoding.decode([self.keys.decrypt(ciphertext)], 1)[0])
+    def decrypt(self, ciphertext: bytes) -> Outputs:
+        """Decrypt one sample's output ciphertext (latency plan) into its released outputs.
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Return the decrypted outputs (logits or values) for one raw sample."""
-        return np.asarray(self.predict_many(np.asarray(x)[None, ...])[0])
+        Like every output of the SDK, they are noise-flooded and rounded to the plan's
+        ``output_precision`` (``clients._release``); outputs outside the model's calibrated
+        ranges raise an ``OutOfRangeWarning``.
+        """
+        values = release(
+            self.keys, [ciphertext], self.spec.output_decoding, 1, self.spec.output_precision
+        )
+        outputs: Outputs = flagged_outputs(values, self.card, stacklevel=2)[0]
+        return outputs
 
-    def predict_many(self, xs: np.ndarray) -> np.ndarray:
-        """Return decrypted outputs for any number of samples, one row per sample.
+    def predict(self, x: np.ndarray) -> Outputs:
+        """Return the released outputs (logits or values) of one raw sample, as ``predict_many``."""
+        row: Outputs = self.predict_many(np.asarray(x)[None, ...])[0]
+        return row
+
+    def predict_many(self, xs: np.ndarray) -> Outputs:
+        """Return the released outputs of any number of samples, one row per sample.
 
         The latency plan sends each sample as its own ciphertexts, the batch plan one sample
         per slot (thousands of samples per group of ciphertexts); either way requests are
         split by the card's sample and byte limits.
+
+        Outputs are noise-flooded and rounded to multiples of the plan's ``output_precision``
+        (raw CKKS decryptions would leak the secret key). Samples with an output outside the
+        model's calibrated ranges are flagged: ``out_of_range`` of the result says which, and
+        an ``OutOfRangeWarning`` is issued.
         """
         samples = np.asarray(xs)
         if len(samples) == 0:
@@ -340,10 +358,12 @@ class ModelSession:
         if pending:
             rows.append(self._predict_body(pending, pending_samples, timings))
         self.last_timings = timings
-        return np.concatenate(rows)
+        return flagged_outputs(np.concatenate(rows), self.card, stacklevel=2)
 
     def classify(self, x: np.ndarray) -> str:
-        """Return the label of the largest decrypted output.
+        """Return the label of the largest released output (``predict``).
+
+        Rounding to the plan's precision can tie two outputs; the first label wins.
 
         Raises:
             ValueError: the model is a regression: it predicts values, not classes.
@@ -434,11 +454,10 @@ class ModelSession:
 
     def _decode(self, outputs: list[bytes], samples: int, timings: dict[str, float]) -> np.ndarray:
         start = time.perf_counter()
-        decoded = self.spec.output_decoding.decode(
-            [self.keys.decrypt(ct) for ct in outputs], samples
-        )
+        spec = self.spec
+        released = release(self.keys, outputs, spec.output_decoding, samples, spec.output_precision)
         _add(timings, "decrypt", time.perf_counter() - start)
-        return decoded
+        return released
 
     def _with_context(self, call: Callable[[], T]) -> T:
         """Run ``call``; if the server lost the context (expired, evicted), upload it once more."""

@@ -75,10 +75,14 @@ class KeySet:
         )
         return save_seal(seal.Encryptor(context, self.secret_key).encrypt_symmetric(plain))
 
-    def decrypt(self, data: bytes) -> np.ndarray:
-        """Decrypt a ciphertext from the server and decode all its slots."""
+    def _decrypt_slots(self, data: bytes) -> np.ndarray:
+        """Decrypt a ciphertext from the server and decode all its slots as complex numbers.
+
+        Raw CKKS decryptions leak the secret key (Li and Micciancio): only
+        ``clients._release`` may call this, and it never lets the raw values out.
+        """
         context = seal_context(self.params)
         ct = load_seal(seal.Ciphertext, data, context, what="response ciphertext")
         plain = seal.Plaintext()
         seal.Decryptor(context, self.secret_key).decrypt(ct, plain)
-        return np.asarray(seal.CKKSEncoder(context).decode_double(plain))
+        return np.asarray(seal.CKKSEncoder(context).decode_complex(plain))

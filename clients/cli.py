@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from clients._client import HEClient, ModelSession
 from clients._errors import HEClientError
+from clients._outputs import OutOfRangeWarning, Outputs
 from he_service.protocol import Task
 
 __all__ = ["load_sample", "main"]
@@ -52,7 +54,10 @@ def load_sample(path: Path, shape: tuple[int, ...], *, invert: bool = False) -> 
 def _print_prediction(
     session: ModelSession, path: Path, outputs: np.ndarray, truth: str | None = None
 ) -> None:
-    """Print a class and its scores (classification) or named values (regression)."""
+    """Print a class and its scores (classification) or named values (regression).
+
+    Outputs flagged outside the model's calibrated ranges get a line saying so.
+    """
     card = session.card
     if card.task == Task.REGRESSION:
         values = ", ".join(
@@ -64,6 +69,12 @@ def _print_prediction(
         known = "" if truth is None else f" (true digit {truth})"
         print(f"{path.name}: predicted class {label}{known}")
         print("  logits: " + " ".join(f"{v:.3f}" for v in outputs))
+    print(f"  output precision: {session.spec.output_precision:g} (released values are multiples)")
+    if isinstance(outputs, Outputs) and outputs.out_of_range:
+        print(
+            "  UNRELIABLE: outputs outside the model's calibrated ranges (the input is unlike "
+            "its calibration data)"
+        )
     stages = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in session.last_timings.items())
     print(f"  timings: {stages}")
 
@@ -83,7 +94,10 @@ def _cmd_predict(client: HEClient, args: argparse.Namespace) -> int:
         session.save_keys(args.save_keys)
     for path in args.files:
         sample = load_sample(path, session.card.input_shape, invert=args.invert)
-        _print_prediction(session, path, session.predict(sample))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OutOfRangeWarning)  # printed as a line instead
+            outputs = session.predict(sample)
+        _print_prediction(session, path, outputs)
     return 0
 
 
@@ -132,7 +146,9 @@ def _cmd_demo(_: HEClient | None, args: argparse.Namespace) -> int:
             samples = sorted(SAMPLES_DIR.glob("*.png"))
             for path in samples:
                 sample = load_sample(path, session.card.input_shape)
-                logits = session.predict(sample)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", OutOfRangeWarning)  # printed as a line
+                    logits = session.predict(sample)
                 truth = path.stem.rsplit("-", 1)[-1]
                 _print_prediction(session, path, logits, truth)
                 correct += session.card.labels[int(np.argmax(logits))] == truth

@@ -109,7 +109,15 @@ _MODELS = {
 _COUNT = {"type": "integer", "minimum": 1}
 _PLAN_CARD = {
     "type": "object",
-    "required": ["kind", "ckks", "input_encoding", "output_decoding", "limits", "costs"],
+    "required": [
+        "kind",
+        "ckks",
+        "input_encoding",
+        "output_decoding",
+        "limits",
+        "costs",
+        "output_precision",
+    ],
     "properties": {
         "kind": {"type": "string", "enum": ["latency", "batch"]},
         "ckks": {"type": "object"},
@@ -152,6 +160,9 @@ _PLAN_CARD = {
                 "expected_max_logit_error": {"type": ["number", "null"]},
             },
         },
+        # Clients round decrypted outputs to multiples of this step (a power of two at or
+        # above expected_max_logit_error): no released digit is finer than the noise.
+        "output_precision": {"type": "number", "exclusiveMinimum": 0},
         "details": {"type": "object"},
     },
 }
@@ -167,10 +178,21 @@ _CARD = {
                 "input": {"type": "object"},
                 "output": {
                     "type": "object",
-                    "required": ["task", "labels"],
+                    "required": ["task", "labels", "ranges"],
                     "properties": {
                         "task": {"type": "string", "enum": ["classification", "regression"]},
                         "labels": {"type": "array", "items": {"type": "string"}},
+                        # Per output, [low, high] seen on calibration data with a margin;
+                        # clients flag outputs outside as unreliable. Null: none recorded.
+                        "ranges": {
+                            "type": ["array", "null"],
+                            "items": {
+                                "type": "array",
+                                "items": {"type": "number"},
+                                "minItems": 2,
+                                "maxItems": 2,
+                            },
+                        },
                     },
                 },
                 "plans": {"type": "object", "additionalProperties": _PLAN_CARD},

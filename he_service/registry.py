@@ -19,7 +19,15 @@ from he_service.config import Config
 from he_service.engine import CompiledModel, CompileError, ParameterError, compile_model
 from he_service.memory import MemoryBudget
 from he_service.privacy import privacy_card
-from he_service.protocol import CkksParams, ModelCard, PlanKind, ProtocolError, Task
+from he_service.protocol import (
+    CkksParams,
+    ModelCard,
+    OutputRanges,
+    PlanKind,
+    ProtocolError,
+    Task,
+    read_output_ranges,
+)
 from he_service.serving import PlanRefused, ServedPlan, resident_bytes, serve_plans
 
 __all__ = ["LoadedModel", "ModelRegistry", "ModelUnavailable", "RegistryError"]
@@ -210,9 +218,22 @@ def _card(artifact: ModelArtifact, plans: dict[PlanKind, ServedPlan]) -> ModelCa
         task=Task.parse(getattr(artifact, "task", Task.CLASSIFICATION.value)),
         labels=artifact.labels,
         plans={kind: plan.card() for kind, plan in plans.items()},
+        output_ranges=_output_ranges(artifact),
         details={
             "training": artifact.manifest.get("training", {}),
             # Checked by load_artifact; a model without the section says it has no guarantee.
             "privacy": privacy_card(artifact.manifest.get("privacy")),
         },
     )
+
+
+def _output_ranges(artifact: ModelArtifact) -> OutputRanges | None:
+    """Return the calibrated output ranges the manifest records, if any.
+
+    Raises:
+        ProtocolError: the manifest records them malformed.
+    """
+    bound = artifact.manifest.get("conversion", {}).get("output_bound", {})
+    ranges = bound.get("output_ranges") if isinstance(bound, dict) else None
+    where = f"{artifact.name}: conversion.output_bound.output_ranges"
+    return read_output_ranges(ranges, len(artifact.labels), where)

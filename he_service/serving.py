@@ -30,8 +30,10 @@ from he_service.engine import (
     Plan,
     Timings,
 )
+from he_service.engine.batch.noise import estimate_batch_noise
 from he_service.engine.batch.plan import INPUT, BatchAffine, BatchPoly, ciphertext_sizes
 from he_service.engine.batch.stream import STREAM_BYTES
+from he_service.engine.compiler import PUBLISHED
 from he_service.engine.methods import GatherInput, TermPlan
 from he_service.engine.plan import LinearStep
 from he_service.keystore import StoredContext
@@ -50,6 +52,7 @@ from he_service.protocol import (
     encode_frames,
     framed_size,
     load_seal,
+    output_step,
     save_seal,
 )
 from he_service.protocol.card import InputEncoding, OutputDecoding
@@ -224,6 +227,12 @@ class ServedPlan(ABC):
                 costs.public_key_bytes,
                 limits.max_context_bytes,
             )
+        error = costs.expected_max_logit_error
+        if error is None:
+            raise PlanRefused(
+                f"the {self.kind.value} plan of model {model!r} has no estimate of its "
+                "encryption error, so no output precision to publish"
+            )
         self._card = PlanCard(
             kind=self.kind,
             ckks=params,
@@ -232,6 +241,7 @@ class ServedPlan(ABC):
             output_decoding=output_decoding,
             limits=limits,
             costs=costs,
+            output_precision=output_step(error),
             details=details,
         )
 
@@ -506,7 +516,8 @@ class ServedBatch(ServedPlan):
     sends_units_in_parts = True
 
     def __init__(self, model: str, plan: BatchPlan, config: Config) -> None:
-        summary = plan.summary()
+        error = float(f"{PUBLISHED * estimate_batch_noise(plan).max:.3g}")
+        summary = {**plan.summary(), "expected_max_logit_error": error}
         costs = plan.costs()
         super().__init__(
             model=model,
@@ -521,7 +532,7 @@ class ServedBatch(ServedPlan):
                 samples_per_unit=plan.slot_count,
                 rotations=0,
                 galois_keys=0,
-                expected_max_logit_error=summary.get("expected_max_logit_error"),
+                expected_max_logit_error=error,
             ),
             details=summary,
             config=config,

@@ -5,7 +5,8 @@ exactly what the server serves: ``artifact_forward`` runs the manifest's layers 
 (batched; the same arithmetic as ``he_service.engine.forward_plain``), and
 ``encrypted_outputs`` encrypts, evaluates and decrypts with the engine in-process. The metrics
 follow the artifact's task: accuracy and argmax agreement for classification, MSE, MAE and R^2
-for regression; both report the largest encrypted-vs-plaintext output error.
+for regression; both report the largest encrypted-vs-plaintext output error, and how many
+samples the client SDK would flag as outside the calibrated output ranges.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from he_service.artifacts import (
 )
 from he_service.engine import compile_plan, selfcheck
 from he_service.engine.plan import Plan
+from he_service.protocol import OutputRanges, read_output_ranges, rows_out_of_range
 from models.conversion import Position, position_of
 from models.training import preprocess_batch, task_metrics, to_tensor
 
@@ -205,13 +207,15 @@ class EncryptedMeasurement:
 
     ``metrics`` are the task's: ``accuracy`` and ``agreement`` (argmax equal to the plaintext
     artifact's) for classification, ``mse``, ``mae`` and ``r2`` for regression.
-    ``max_abs_error`` is the largest encrypted-vs-plaintext output difference.
+    ``max_abs_error`` is the largest encrypted-vs-plaintext output difference; ``outputs``
+    are the decrypted outputs themselves.
     """
 
     samples: int
     seed: int
     metrics: dict[str, float]
     max_abs_error: float
+    outputs: np.ndarray = field(repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """Return the manifest form (keys of the ``training`` section)."""
@@ -254,6 +258,7 @@ def measure_encrypted(
         seed=seed,
         metrics=metrics,
         max_abs_error=float(np.abs(encrypted - plain).max()),
+        outputs=encrypted,
     )
 
 
@@ -277,6 +282,9 @@ class ArtifactEvaluation:
     ``original_mse``/``original_mae``/``original_r2``; the network before conversion is not
     shipped); the rest is measured now. ``out_of_range`` is the fraction of the polynomial
     activations' inputs on the held-out data that fall outside the calibrated ranges.
+    ``flagged`` and ``encrypted_flagged`` are the fractions of held-out samples whose outputs
+    (plaintext polynomial network; encrypted samples) fall outside the manifest's calibrated
+    output ranges, which the client SDK flags as unreliable; None without recorded ranges.
     """
 
     name: str
@@ -289,6 +297,8 @@ class ArtifactEvaluation:
     out_of_range_by_layer: tuple[tuple[str, float], ...]
     depth: int
     ring: int
+    flagged: float | None = None
+    encrypted_flagged: float | None = None
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -304,6 +314,13 @@ class ArtifactEvaluation:
             f"pre-activations outside the calibrated ranges: {100 * self.out_of_range:.3f}%"
             + "".join(f"; {path} {100 * f:.3f}%" for path, f in self.out_of_range_by_layer)
         )
+        flags = (
+            "no calibrated output ranges recorded: the SDK flags no output"
+            if self.flagged is None or self.encrypted_flagged is None
+            else "outputs outside the calibrated output ranges (flagged unreliable by the SDK): "
+            f"polynomial {100 * self.flagged:.3f}% of {self.samples} samples, encrypted "
+            f"{100 * self.encrypted_flagged:.3f}% of {self.encrypted.samples}"
+        )
         encrypted = self.encrypted
         if self.task == "regression":
             original = "n/a (not recorded)" if not self.original else _shown(self.original)
@@ -315,6 +332,7 @@ class ArtifactEvaluation:
                 f"(seed {encrypted.seed})",
                 f"encrypted vs polynomial: max |error| {encrypted.max_abs_error:.2e}",
                 ranges,
+                flags,
             ]
         original = (
             "n/a (not recorded)"
@@ -332,6 +350,7 @@ class ArtifactEvaluation:
             f"encrypted/polynomial agreement: {encrypted.metrics['agreement']:.4f} "
             f"(max |logit error| {encrypted.max_abs_error:.2e})",
             ranges,
+            flags,
         ]
 
 
@@ -374,6 +393,11 @@ def evaluate_artifact(
     plan = compile_plan(artifact)
     n = len(x) if encrypted_samples is None else min(encrypted_samples, len(x))
     measurement = measure_encrypted(artifact, x[:n], y[:n], seed=seed, plan=plan)
+    output_ranges = _output_ranges(artifact)
+    flagged = encrypted_flagged = None
+    if output_ranges is not None:
+        flagged = float(np.mean(rows_out_of_range(outputs, output_ranges)))
+        encrypted_flagged = float(np.mean(rows_out_of_range(measurement.outputs, output_ranges)))
     return ArtifactEvaluation(
         name=artifact.name,
         task=artifact.task,
@@ -385,7 +409,15 @@ def evaluate_artifact(
         out_of_range_by_layer=tuple(by_layer),
         depth=int(plan.params_reason["depth"]),
         ring=plan.params.poly_modulus_degree,
+        flagged=flagged,
+        encrypted_flagged=encrypted_flagged,
     )
+
+
+def _output_ranges(artifact: ModelArtifact) -> OutputRanges | None:
+    bound = artifact.manifest.get("conversion", {}).get("output_bound", {})
+    recorded = bound.get("output_ranges") if isinstance(bound, dict) else None
+    return read_output_ranges(recorded, artifact.output_size, "conversion.output_bound")
 
 
 def _original(manifest: dict[str, Any]) -> dict[str, float] | None:

@@ -43,4 +43,6 @@ def test_encrypted_argmax_agrees_with_plaintext_on_held_out_images(
         f"max |logit error| {max_error:.2e}"
     )
     assert agreement >= 0.995
-    assert max_error < 0.05
+    # Released outputs are rounded to the plan's published precision: within two of its steps
+    # (the engine's raw error, about 0.03, is checked by the engine's tests).
+    assert max_error <= 2 * model.spec.output_precision

@@ -31,10 +31,10 @@ from he_service.engine.plan import LinearStep, Plan, PolyApply
 from he_service.engine.poly import SquareStep
 from he_service.engine.schedule import NumpyBackend
 
-__all__ = ["NoiseEstimate", "estimate_noise"]
+__all__ = ["FRESH", "ROUNDING", "NoiseEstimate", "estimate_noise"]
 
-_FRESH = 3.2
-_ROUNDING = 0.236
+FRESH = 3.2
+ROUNDING = 0.236
 _KEY_SWITCH = 2.0**17.2
 
 
@@ -74,7 +74,7 @@ def estimate_noise(plan: Plan, samples: int = 4, seed: int = 0) -> NoiseEstimate
     primes = [2.0**b for b in params.coeff_modulus_bits]
     special = primes[-1]
     data = primes[:-1]
-    rounding = _ROUNDING * n
+    rounding = ROUNDING * n
     encode = math.sqrt(n / 12)
     consumer = {s.source: s for s in plan.steps if isinstance(s, PolyApply)}
     errors = []
@@ -86,7 +86,7 @@ def estimate_noise(plan: Plan, samples: int = 4, seed: int = 0) -> NoiseEstimate
             np.tile(padded[row], slots // plan.input_index.shape[1]) for row in plan.input_index
         ]
         clean = plan.simulate(inputs)
-        noisy_inputs = [v + rng.normal(0.0, _FRESH * math.sqrt(n) / scale, slots) for v in inputs]
+        noisy_inputs = [v + rng.normal(0.0, FRESH * math.sqrt(n) / scale, slots) for v in inputs]
         values: dict[int, np.ndarray] = {0: noisy_inputs[0]}
         for step in plan.steps:
             if isinstance(step, PolyApply):

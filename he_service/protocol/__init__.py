@@ -23,6 +23,12 @@ from he_service.protocol.framing import (
     framed_size,
 )
 from he_service.protocol.keys import KeyBundle, decode_key_bundle, encode_key_bundle
+from he_service.protocol.outputs import (
+    OutputRanges,
+    output_step,
+    read_output_ranges,
+    rows_out_of_range,
+)
 from he_service.protocol.params import CkksParams, galois_element, seal_context
 from he_service.protocol.plans import PlanCosts, PlanKind, PlanLimits, Task
 from he_service.protocol.seal_io import load_seal, save_seal
@@ -37,6 +43,7 @@ __all__ = [
     "GatherEncoding",
     "KeyBundle",
     "ModelCard",
+    "OutputRanges",
     "PlanCard",
     "PlanCosts",
     "PlanKind",
@@ -55,7 +62,10 @@ __all__ = [
     "framed_size",
     "galois_element",
     "load_seal",
+    "output_step",
     "preprocess",
+    "read_output_ranges",
+    "rows_out_of_range",
     "save_seal",
     "seal_context",
 ]

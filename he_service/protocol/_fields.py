@@ -8,7 +8,7 @@ from typing import Any
 
 from he_service.protocol.errors import ProtocolError
 
-__all__ = ["object_field", "read_float", "read_int", "read_object", "read_str"]
+__all__ = ["is_finite_number", "object_field", "read_float", "read_int", "read_object", "read_str"]
 
 
 def read_object(value: Any, where: str) -> Mapping[str, Any]:
@@ -31,12 +31,22 @@ def read_int(doc: Mapping[str, Any], key: str, where: str, *, minimum: int = 0) 
     return value
 
 
+def is_finite_number(value: Any) -> bool:
+    """Tell whether ``value`` is a JSON number (not a bool) that a float holds finitely."""
+    if type(value) not in (int, float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
 def read_float(doc: Mapping[str, Any], key: str, where: str) -> float | None:
     """Return the finite number ``doc[key]``, or None when it is absent or null."""
     value = doc.get(key)
     if value is None:
         return None
-    if type(value) not in (int, float) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise ProtocolError(f"{where}.{key} must be a finite number, got {value!r:.40}")
     return float(value)
 

@@ -8,20 +8,23 @@ unit, no Galois keys).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from he_service.protocol._fields import object_field, read_object, read_str
+from he_service.protocol._fields import object_field, read_float, read_object, read_str
 from he_service.protocol.batch_encoding import BatchDecoding, BatchEncoding
 from he_service.protocol.encoding import GatherEncoding, PrefixDecoding
 from he_service.protocol.errors import ProtocolError
+from he_service.protocol.outputs import OutputRanges, read_output_ranges
 from he_service.protocol.params import CkksParams
 from he_service.protocol.plans import PlanCosts, PlanKind, PlanLimits, Task
 
 __all__ = ["CARD_VERSION", "InputEncoding", "ModelCard", "OutputDecoding", "PlanCard"]
 
-CARD_VERSION = 2
+# 3: plans publish their output precision, models their calibrated output ranges.
+CARD_VERSION = 3
 InputEncoding = GatherEncoding | BatchEncoding
 OutputDecoding = PrefixDecoding | BatchDecoding
 # The one place that says which encodings each plan kind speaks.
@@ -33,7 +36,10 @@ _CODECS: dict[PlanKind, tuple[type[InputEncoding], type[OutputDecoding]]] = {
 
 @dataclass(frozen=True)
 class PlanCard:
-    """How to encrypt for one plan of a model, what it costs, and how to read its answer."""
+    """How to encrypt for one plan of a model, what it costs, and how to read its answer.
+
+    ``output_precision`` is the step clients round decrypted outputs to (``outputs.py``).
+    """
 
     kind: PlanKind
     ckks: CkksParams
@@ -42,9 +48,14 @@ class PlanCard:
     output_decoding: OutputDecoding
     limits: PlanLimits
     costs: PlanCosts
+    output_precision: float
     details: dict[str, Any]
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.output_precision) and self.output_precision > 0):
+            raise ProtocolError(
+                f"output_precision must be a positive number, got {self.output_precision!r:.40}"
+            )
         encoding, decoding = _CODECS[self.kind]
         if not isinstance(self.input_encoding, encoding) or not isinstance(
             self.output_decoding, decoding
@@ -71,6 +82,7 @@ class PlanCard:
             "output_decoding": self.output_decoding.to_json(),
             "limits": self.limits.to_json(),
             "costs": self.costs.to_json(),
+            "output_precision": self.output_precision,
             "details": self.details,
         }
 
@@ -92,6 +104,9 @@ class PlanCard:
         ):
             raise ProtocolError("ckks.galois_steps must be rotation steps in (0, slot count)")
         details = doc.get("details", {})
+        precision = read_float(doc, "output_precision", "plan")
+        if precision is None:
+            raise ProtocolError("plan.output_precision is missing")
         return cls(
             kind=kind,
             ckks=params,
@@ -100,13 +115,18 @@ class PlanCard:
             output_decoding=decoding.from_json(doc.get("output_decoding")),
             limits=PlanLimits.from_json(doc.get("limits")),
             costs=PlanCosts.from_json(doc.get("costs")),
+            output_precision=precision,
             details=dict(read_object(details, "plan.details")),
         )
 
 
 @dataclass(frozen=True)
 class ModelCard:
-    """Public description of a served model and the encrypted protocols it speaks."""
+    """Public description of a served model and the encrypted protocols it speaks.
+
+    ``output_ranges`` are the calibrated ranges of the outputs (``outputs.py``), ``None`` for
+    an artifact that records none.
+    """
 
     name: str
     description: str
@@ -115,6 +135,7 @@ class ModelCard:
     task: Task
     labels: tuple[str, ...]  # class names, or output names of a regression
     plans: dict[PlanKind, PlanCard]
+    output_ranges: OutputRanges | None
     details: dict[str, Any]
 
     def plan(self, kind: PlanKind | str) -> PlanCard:
@@ -136,7 +157,13 @@ class ModelCard:
             "name": self.name,
             "description": self.description,
             "input": {"shape": list(self.input_shape), "preprocessing": self.preprocessing},
-            "output": {"task": self.task.value, "labels": list(self.labels)},
+            "output": {
+                "task": self.task.value,
+                "labels": list(self.labels),
+                "ranges": None
+                if self.output_ranges is None
+                else [list(pair) for pair in self.output_ranges],
+            },
             "plans": {kind.value: plan.to_json() for kind, plan in self.plans.items()},
             "details": self.details,
         }
@@ -180,5 +207,8 @@ class ModelCard:
             task=Task.parse(output.get("task")),
             labels=tuple(labels),
             plans=plans,
+            output_ranges=read_output_ranges(
+                output.get("ranges"), len(labels), "card.output.ranges"
+            ),
             details=dict(read_object(doc.get("details", {}), "card.details")),
         )

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from clients import HEClient, KeySet, ModelSession, Retry
+from clients._release import release
 from tests.load_client import (
     BREAST,
     ServedProcess,
@@ -216,4 +217,5 @@ def test_uploads_in_parts_succeed_while_workers_are_killed(
 
 
 def _decrypt(session: ModelSession, keys: KeySet, ciphertext: bytes) -> np.ndarray:
-    return session.spec.output_decoding.decode([keys.decrypt(ciphertext)], 1)[0]
+    spec = session.spec
+    return release(keys, [ciphertext], spec.output_decoding, 1, spec.output_precision)[0]

@@ -221,6 +221,10 @@ def test_evaluate_prints_the_four_numbers(capsys: pytest.CaptureFixture[str]) ->
     assert "encrypted accuracy: " in out and "on 4 samples (seed 0)" in out
     assert "encrypted/polynomial agreement: 1.0000" in out
     assert "outside the calibrated ranges" in out
+    assert (
+        "outputs outside the calibrated output ranges (flagged unreliable by the SDK): "
+        "polynomial 0.000% of 114 samples, encrypted 0.000% of 4"
+    ) in out
     assert "privacy: This model was trained without differential privacy" in out
 
 
@@ -231,6 +235,24 @@ def test_evaluate_prints_the_dp_guarantee(capsys: pytest.CaptureFixture[str]) ->
     assert "455 training records" in out and "noise multiplier" in out
     assert "outside the guarantee: " in out and "held-out split" in out
     assert "noise seed: 0, published" in out
+
+
+def test_evaluate_reports_how_often_held_out_inputs_are_flagged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    # Half the samples scaled far outside the data: their outputs leave the calibrated ranges.
+    x = np.concatenate([data.data[:6], 100 * data.data[6:12]])
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", data.target[:12])
+    argv = ["evaluate", "breast-cancer-mlp", "--samples", "12"]
+    assert (
+        main([*argv, "--data", str(tmp_path / "x.npy"), "--targets", str(tmp_path / "y.npy")]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "polynomial 50.000% of 12 samples, encrypted 50.000% of 12" in out
 
 
 def test_evaluate_a_converted_model_with_its_own_data(
