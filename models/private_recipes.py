@@ -98,6 +98,10 @@ class _Private:
         """``prepare`` on a given split (``split_seed`` is only recorded)."""
         budget = self.default_privacy if privacy is RECIPE_PRIVACY else privacy
         assert not isinstance(budget, RecipePrivacy)
+        if privacy is RECIPE_PRIVACY and budget is not None and budget.noise_seed is not None:
+            # Another training seed is another run, with its own noise: the shadow models of a
+            # membership audit must not share the target's noise (seed 0 keeps the recipe's).
+            budget = replace(budget, noise_seed=budget.noise_seed + seed)
         started = time.perf_counter()
         prep = self.preprocessing(split.x_test)
         x_train = preprocess_batch(split.x_train, prep, self.input_shape)
