@@ -5,20 +5,30 @@ from __future__ import annotations
 import enum
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from he_service.artifacts import load_artifact
 from he_service.engine import compile_plan
 from models.conversion import ConvertedNetwork
+from models.datasets import Split
 from models.evaluation import measure_encrypted
 from models.export import export_artifact
 from models.privacy import PrivacyBudget
-from models.training import deterministic_torch
+from models.training import deterministic_torch, preprocess_batch
 
-__all__ = ["RECIPE_PRIVACY", "Privacy", "RecipePrivacy", "TrainedModel", "command", "measured"]
+__all__ = [
+    "RECIPE_PRIVACY",
+    "Privacy",
+    "RecipePrivacy",
+    "TrainedModel",
+    "command",
+    "measured",
+    "train_and_measure",
+]
 
 
 class RecipePrivacy(enum.Enum):
@@ -109,3 +119,49 @@ def measured(
         "encrypted_seconds": time.perf_counter() - started,
     }
     return replace(trained, manifest=manifest, summary=summary)
+
+
+class _Preparable(Protocol):
+    """What ``train_and_measure`` needs of a recipe."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+    @property
+    def encrypted_samples(self) -> int | None: ...
+    @property
+    def encrypted_seed(self) -> int: ...
+    @property
+    def load_split(self) -> Callable[[int], Split]: ...
+
+    def prepare(self, seed: int, split_seed: int, privacy: Privacy = ...) -> TrainedModel: ...
+
+
+def train_and_measure(
+    recipe: _Preparable, seed: int, split_seed: int, privacy: Privacy = RECIPE_PRIVACY
+) -> TrainedModel:
+    """Run a recipe's ``prepare``, then measure it encrypted on its held-out split.
+
+    Args:
+        recipe: a recipe (converted or private).
+        seed: the training seed.
+        split_seed: the split's seed.
+        privacy: a budget, None, or the recipe's default.
+
+    Returns:
+        The model with the encrypted measurement in its manifest and summary.
+    """
+    trained = recipe.prepare(seed, split_seed, privacy)
+    split = recipe.load_split(split_seed)
+    x_test = preprocess_batch(
+        split.x_test, trained.manifest["input"]["preprocessing"], recipe.input_shape
+    )
+    return measured(
+        trained,
+        recipe.name,
+        x_test,
+        split.y_test,
+        samples=recipe.encrypted_samples,
+        seed=recipe.encrypted_seed,
+    )

@@ -26,7 +26,7 @@ from models._recipe_common import (
     RecipePrivacy,
     TrainedModel,
     command,
-    measured,
+    train_and_measure,
 )
 from models.architectures import BreastCancerDPMLP, MnistDPCNN
 from models.conversion import convert
@@ -210,19 +210,7 @@ class _Private:
     def __call__(
         self, seed: int, split_seed: int, privacy: Privacy = RECIPE_PRIVACY
     ) -> TrainedModel:
-        trained = self.prepare(seed, split_seed, privacy)
-        split = self.load_split(split_seed)
-        x_test = preprocess_batch(
-            split.x_test, trained.manifest["input"]["preprocessing"], self.input_shape
-        )
-        return measured(
-            trained,
-            self.name,
-            x_test,
-            split.y_test,
-            samples=self.encrypted_samples,
-            seed=self.encrypted_seed,
-        )
+        return train_and_measure(self, seed, split_seed, privacy)
 
 
 _HELD_OUT_USES = (

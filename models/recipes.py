@@ -35,7 +35,7 @@ from models._recipe_common import (
     RecipePrivacy,
     TrainedModel,
     command,
-    measured,
+    train_and_measure,
 )
 from models.architectures import BreastCancerMLP, DigitsCNN, DigitsResNet, LeNet5, MnistReluCNN
 from models.conversion import convert
@@ -286,19 +286,7 @@ class _Converted:
     def __call__(
         self, seed: int, split_seed: int, privacy: Privacy = RECIPE_PRIVACY
     ) -> TrainedModel:
-        trained = self.prepare(seed, split_seed, privacy)
-        split = self.load_split(split_seed)
-        x_test = preprocess_batch(
-            split.x_test, trained.manifest["input"]["preprocessing"], self.input_shape
-        )
-        return measured(
-            trained,
-            self.name,
-            x_test,
-            split.y_test,
-            samples=self.encrypted_samples,
-            seed=self.encrypted_seed,
-        )
+        return train_and_measure(self, seed, split_seed, privacy)
 
 
 # What DP recipes compute from the held-out split rather than from the private records.
