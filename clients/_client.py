@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,23 +49,39 @@ class HEClient:
     requires one (sent as ``Authorization: Bearer``). ``timeout`` bounds each request;
     ``retry`` says how calls that failed in a passing way (a dropped connection, 503, 429) are
     retried, within its ``deadline`` (``Retry()`` by default; ``None`` turns retries off).
+
+    ``base_url`` may be several URLs: instances of one service that share contexts, uploads
+    and quotas through Redis (``HE_SERVICE_REDIS_URL``). Calls go to one of them until it
+    drops or refuses a connection or answers 503; the retry then goes to the next one. So with
+    retries on, the client carries on while an instance is down.
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
         token: str | None = None,
         retry: Retry | None = Retry(),  # noqa: B008 - frozen, so sharing it is harmless
     ) -> None:
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("HEClient needs at least one base URL")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = timeout
         self._retry = retry or NO_RETRY
-        self._http = httpx.Client(
-            base_url=base_url, timeout=timeout, transport=transport, headers=headers
-        )
+        self._instances = [
+            httpx.Client(base_url=url, timeout=timeout, transport=transport, headers=headers)
+            for url in urls
+        ]
+        self._current = 0  # the instance calls go to; moved on by a failure of its own
+        self._lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        """Return the URL of the instance calls currently go to."""
+        return str(self._instances[self._current].base_url)
 
     def __enter__(self) -> HEClient:
         return self
@@ -73,7 +90,14 @@ class HEClient:
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        for http in self._instances:
+            http.close()
+
+    def _fail_over(self, index: int) -> None:
+        """Send later calls to the instance after ``index``, unless another thread already did."""
+        with self._lock:
+            if self._current == index:
+                self._current = (index + 1) % len(self._instances)
 
     def _request(
         self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any
@@ -88,12 +112,16 @@ class HEClient:
 
         def attempt(seconds_left: float) -> httpx.Response:
             timeout = min(self._timeout, seconds_left)
+            index = self._current
             try:
-                response = self._http.request(method, path, timeout=timeout, **kwargs)
+                response = self._instances[index].request(method, path, timeout=timeout, **kwargs)
             except httpx.HTTPError as exc:
+                self._fail_over(index)
                 raise TransportError(
                     f"{method} {path} failed: {type(exc).__name__}: {exc}"
                 ) from exc
+            if response.status_code == 503:
+                self._fail_over(index)
             if response.status_code >= 400 and (method != "HEAD" or response.status_code != 404):
                 try:
                     body = response.json()

@@ -250,3 +250,29 @@ def test_policy_checks_its_arguments() -> None:
         Retry(attempts=0)
     with pytest.raises(ValueError, match="deadline"):
         Retry(deadline=0)
+
+
+def test_several_base_urls_fail_over_to_the_next_instance() -> None:
+    fake = FakeTime()
+    seen: list[str] = []
+    down = {"a"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        if request.url.host in down:
+            raise httpx.ConnectError("refused")
+        if request.url.host == "b" and len(seen) == 4:
+            return _unavailable()  # b's Redis link is down for one call: on to c
+        return MODELS
+
+    retry = Retry(attempts=3, sleep=fake.sleep, clock=fake.clock, rand=lambda low, high: high)
+    urls = ["http://a", "http://b", "http://c"]
+    with HEClient(urls, transport=httpx.MockTransport(handler), retry=retry) as client:
+        assert client.base_url == "http://a"
+        assert client.models() and client.models()  # a refuses: b answers, and keeps answering
+        assert client.base_url == "http://b"
+        assert client.models()
+        assert client.base_url == "http://c"
+    assert seen == ["a", "b", "b", "b", "c"]
+    with pytest.raises(ValueError, match="at least one base URL"):
+        HEClient([])
