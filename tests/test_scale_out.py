@@ -172,6 +172,7 @@ def test_a_client_of_both_instances_answers_every_row_when_one_is_killed(
         worker = threading.Thread(target=stream, daemon=True)
         worker.start()
         _kill_when_busy(a, lambda: done[0] >= KILL_AFTER, deadline=time.monotonic() + 60)
+        killed_at = done[0]
         worker.join(timeout=90)
         assert not worker.is_alive(), "the stream hangs"
         answered_by = client.base_url
@@ -179,6 +180,10 @@ def test_a_client_of_both_instances_answers_every_row_when_one_is_killed(
     assert done[0] == REQUESTS
     assert answered_by.rstrip("/") == b.url, "the client never moved to the other instance"
     assert b.process.poll() is None and not b.server_errors()
+    print(
+        f"\n{done[0] * ROWS_PER_REQUEST} rows answered, 0 failed; "
+        f"the first instance killed after {killed_at} requests"
+    )
     metrics = httpx.get(f"{b.url}/metrics", headers={"Authorization": f"Bearer {TOKENS['alice']}"})
     assert 'route="/v1/models/<name>/predict"' in metrics.text, metrics.text[:500]
 
