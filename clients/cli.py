@@ -172,7 +172,12 @@ def _cmd_demo(_: HEClient | None, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run it; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="he-client", description=__doc__)
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
+    parser.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="service base URL; several, comma-separated, for instances that share one Redis "
+        "(the next is used when one is down)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="HTTP timeout in seconds")
     parser.add_argument(
         "--token",
@@ -193,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _cmd_demo(None, args)
-        with HEClient(args.url, timeout=args.timeout, token=args.token) as client:
+        urls = [url for url in args.url.split(",") if url]
+        with HEClient(urls, timeout=args.timeout, token=args.token) as client:
             handler = {"models": _cmd_models, "predict": _cmd_predict}[args.command]
             return handler(client, args)
     except (HEClientError, ValueError, OSError) as exc:

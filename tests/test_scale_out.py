@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from clients import HEClient, KeySet, RateLimitedError, Retry
+from clients import HEClient, KeySet, RateLimitedError, Retry, cli
 from clients._release import release
 from he_service.artifacts import load_artifact
 from he_service.auth import hash_token
@@ -148,7 +148,9 @@ def test_a_tokens_sample_budget_is_spent_across_both_instances(
 
 
 def test_a_client_of_both_instances_answers_every_row_when_one_is_killed(
-    instances: tuple[ServedProcess, ServedProcess], samples: tuple[np.ndarray, np.ndarray]
+    instances: tuple[ServedProcess, ServedProcess],
+    samples: tuple[np.ndarray, np.ndarray],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     a, b = instances
     raw, expected = samples
@@ -180,12 +182,16 @@ def test_a_client_of_both_instances_answers_every_row_when_one_is_killed(
     assert done[0] == REQUESTS
     assert answered_by.rstrip("/") == b.url, "the client never moved to the other instance"
     assert b.process.poll() is None and not b.server_errors()
-    print(
-        f"\n{done[0] * ROWS_PER_REQUEST} rows answered, 0 failed; "
-        f"the first instance killed after {killed_at} requests"
-    )
+    # The command line takes both URLs too, the dead one first.
+    assert cli.main(["--url", f"{a.url},{b.url}", "--token", TOKENS["alice"], "models"]) == 0
+    assert BREAST in capsys.readouterr().out
     metrics = httpx.get(f"{b.url}/metrics", headers={"Authorization": f"Bearer {TOKENS['alice']}"})
     assert 'route="/v1/models/<name>/predict"' in metrics.text, metrics.text[:500]
+    with capsys.disabled():
+        print(
+            f"\n{done[0] * ROWS_PER_REQUEST} rows answered, 0 failed; "
+            f"the first instance killed after {killed_at} requests"
+        )
 
 
 def _kill_when_busy(served: ServedProcess, ready: Callable[[], bool], deadline: float) -> None:
