@@ -62,14 +62,16 @@ def instances(
     }
     folders = [tmp_path_factory.mktemp(name) for name in ("instance-a", "instance-b")]
     with ThreadPoolExecutor(2) as pool:  # each compiles its models: start them side by side
-        started = list(
-            pool.map(lambda d: start_server(d, workers=None, env=env, models=[BREAST]), folders)
-        )
+        starting = [
+            pool.submit(start_server, folder, workers=None, env=env, models=[BREAST])
+            for folder in folders
+        ]
     try:
-        yield started[0], started[1]
+        yield starting[0].result(), starting[1].result()
     finally:
-        for served in started:
-            served.stop()
+        for future in starting:
+            if future.exception() is None:
+                future.result().stop()
         redis.stop()
 
 
