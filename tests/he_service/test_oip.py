@@ -131,6 +131,28 @@ def test_encrypted_inference_answers_as_v1(
         np.testing.assert_allclose(released, plain, atol=2 * spec.output_precision)
 
 
+def test_a_batch_group_through_v2_answers_as_v1(
+    client: triton.InferenceServerClient, server: ServedProcess
+) -> None:
+    raw = load_breast_cancer_split(0).x_test[:20]
+    artifact = load_artifact(DEFAULT_MODELS_DIR / BREAST)
+    prepared = np.stack([preprocess(x, artifact.preprocessing, (30,)) for x in raw])
+    with HEClient(server.url) as he_client:
+        batch = he_client.model(BREAST, plan="batch")
+        spec = batch.spec
+        (vectors,) = spec.input_encoding.units(prepared)
+        ciphertexts = [batch.keys.encrypt(v) for v in vectors]
+        v1, _ = he_client.predict_raw(BREAST, batch.context_id, ciphertexts, plan="batch")
+    parameters = {"context_id": batch.context_id, "plan": "batch"}
+    v2 = _infer(client, ciphertexts, parameters)
+    assert v2 == v1
+    released = release(batch.keys, v2, spec.output_decoding, len(raw), spec.output_precision)
+    plain = np.stack([forward_plain(artifact, x) for x in prepared])
+    np.testing.assert_allclose(released, plain, atol=2 * spec.output_precision)
+    partial = _refused(client, ciphertexts[:-1], parameters)
+    assert (partial.status(), "per group" in str(partial.message())) == ("400", True)
+
+
 def _refused(
     client: triton.InferenceServerClient, ciphertexts: list[bytes], parameters: dict[str, str]
 ) -> InferenceServerException:
