@@ -1,4 +1,4 @@
-"""The Flask application factory and the HTTP API v1 routes."""
+"""The Flask application factory and the HTTP routes: API v1 and the Open Inference Protocol."""
 
 from __future__ import annotations
 
@@ -38,14 +38,15 @@ from he_service.errors import (
 from he_service.keystore import KeyStore, StoredContext
 from he_service.memory import MemoryBudget
 from he_service.observability import Metrics, init_app
-from he_service.openapi import openapi_document
+from he_service.oip import HEADER_LENGTH, encode_infer_response, model_metadata, parse_infer_request
+from he_service.openapi import PUBLIC_PATHS, openapi_document
 from he_service.protocol import CONTEXT_HEADER, MEDIA_TYPE
-from he_service.protocol.framing import frame_count
+from he_service.protocol.framing import encode_frames, frame_count
 from he_service.protocol.plans import PlanKind
 from he_service.protocol.seal_io import sweep_scratch_files
 from he_service.quotas import Quotas
 from he_service.registry import ModelRegistry
-from he_service.serving import ServedPlan
+from he_service.serving import EncryptedRequest, ServedPlan
 from he_service.uploads import UploadInfo, Uploads
 
 __all__ = ["NO_BODY_BYTES", "REFUSED_BODY", "Admission", "admit", "create_app"]
@@ -54,7 +55,9 @@ log = logging.getLogger(__name__)
 _CONTEXT_ID = re.compile(r"^[0-9a-f]{64}$")
 _READ_CHUNK = 1 << 20
 # Routes that read only this process's memory: they are served while a shared store is down.
-_STORELESS = frozenset({"list_models", "model_card", "openapi"})
+_STORELESS = frozenset(
+    {"list_models", "model_card", "openapi", "v2_live", "v2_ready", "v2_metadata", "v2_model_ready"}
+)
 T = TypeVar("T")
 # Routes that take no body still get this much, so that a stray small body (or one sent with a
 # request that is refused for its caller) is read and the connection stays usable.
@@ -67,6 +70,8 @@ _BODY_LIMITS: dict[str, Any] = {
     "upload_context": lambda config, plan: config.max_context_bytes,
     "predict": lambda config, plan: config.max_body_bytes(plan),
     "upload_part": lambda config, plan: config.max_part_bytes,
+    # The plan is a parameter inside a v2 body: the larger limit, then the plan's once parsed.
+    "v2_infer": lambda config, plan: max(config.max_body_bytes(kind) for kind in PlanKind),
 }
 
 
@@ -186,7 +191,7 @@ def _service() -> _Service:
 
 def _authenticate() -> None:
     """Resolve the caller's token (every route but health) and charge one request to it."""
-    if request.path == "/v1/health":
+    if request.path in PUBLIC_PATHS:
         g.principal_name = ANONYMOUS.name
         return
     service = _service()
@@ -217,7 +222,7 @@ def admit(app: Flask, method: str, path: str, query: str, authorization: str | N
     """
     service: _Service = app.extensions["he_service"]
     authorized = True
-    if path != "/v1/health" and service.tokens.enabled:
+    if path not in PUBLIC_PATHS and service.tokens.enabled:
         try:
             service.tokens.authenticate(authorization)
         except Unauthorized:
@@ -305,7 +310,24 @@ def _keys(plan: ServedPlan, context_id: str) -> StoredContext:
 def _predict(
     plan: ServedPlan, keys: StoredContext, parts: Iterable[bytes], count: int, *, uploaded: bool
 ) -> Response:
-    """Evaluate a request's ciphertexts (one body, or an upload's parts) and answer them."""
+    """Evaluate a request's framed ciphertexts (one body, or an upload's parts); answer them."""
+    outputs, timings = _evaluate(
+        plan, keys, lambda timings: plan.read(parts, count, timings), count, uploaded=uploaded
+    )
+    response = Response(encode_frames(outputs), status=200, mimetype=MEDIA_TYPE)
+    response.headers["Server-Timing"] = _server_timing(timings)
+    return response
+
+
+def _evaluate(
+    plan: ServedPlan,
+    keys: StoredContext,
+    read: Callable[[Timings], EncryptedRequest],
+    count: int,
+    *,
+    uploaded: bool,
+) -> tuple[list[bytes], Timings]:
+    """Charge, read, evaluate and serialize a request of ``count`` input ciphertexts."""
     samples = plan.check_count(count, uploaded=uploaded)
     needed = plan.request_memory_bytes(count)
     _service().budget.check(needed, "this request")  # 413 before a sample is charged
@@ -314,19 +336,21 @@ def _predict(
         quotas.charge_samples(_owner(), samples)
     timings = Timings()
     with _service().budget.reserve(needed, "this request"):
-        inputs = plan.read(parts, count, timings)
+        inputs = read(timings)
         start = time.perf_counter()
         outputs = plan.run(inputs, keys, timings)
         del inputs
         evaluated = time.perf_counter() - start
         _service().metrics.observe_evaluation(plan.model, plan.kind, evaluated)
-        body = plan.answer(outputs, timings)
+        serialized = plan.serialize(outputs, timings)
         del outputs
-    response = Response(body, status=200, mimetype=MEDIA_TYPE)
-    response.headers["Server-Timing"] = ", ".join(
+    return serialized, timings
+
+
+def _server_timing(timings: Timings) -> str:
+    return ", ".join(
         f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in timings.stages.items()
     )
-    return response
 
 
 def _upload_json(info: UploadInfo, plan: ServedPlan) -> dict[str, Any]:
@@ -443,11 +467,75 @@ def _register_routes(app: Flask) -> None:
     def openapi() -> Response:
         return jsonify(openapi_document(__version__))
 
+    _register_v2_routes(app)
+
+
+def _register_v2_routes(app: Flask) -> None:
+    """The Open Inference Protocol (KServe v2) over the same models, keys, limits and budget."""
+
+    @app.get("/v2/health/live")
+    def v2_live() -> Response:
+        return jsonify(live=True)
+
+    @app.get("/v2/health/ready")
+    def v2_ready() -> tuple[Response, int]:
+        _, reachable = _service().contexts_count.get()
+        ready = reachable and bool(_service().registry.names())
+        return jsonify(ready=ready), 200 if ready else 503
+
+    @app.get("/v2/models/<name>")
+    def v2_metadata(name: str) -> Response:
+        return jsonify(model_metadata(_service().registry.model(name).card))
+
+    @app.get("/v2/models/<name>/ready")
+    def v2_model_ready(name: str) -> Response:
+        return jsonify(name=_service().registry.model(name).name, ready=True)
+
+    @app.post("/v2/models/<name>/infer")
+    def v2_infer(name: str) -> Response:
+        model = _service().registry.model(name)
+        limit = _BODY_LIMITS["v2_infer"](_service().config, None)
+        body = _read_body(limit, "request body")
+        infer = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+        plan = model.plan(infer.plan)
+        if len(body) > plan.max_request_bytes:
+            raise PayloadTooLarge(f"a {plan.kind.value} request body", plan.max_request_bytes)
+        del body
+        context_id = _context_id(infer.context_id)
+        keys = _keys(plan, context_id)
+        count = len(infer.ciphertexts)
+        outputs, timings = _evaluate(
+            plan,
+            keys,
+            lambda timings: plan.load(infer.ciphertexts, count, timings),
+            count,
+            uploaded=False,
+        )
+        answer, header_length = encode_infer_response(
+            model.name, infer.request_id, outputs, binary=infer.binary_output
+        )
+        response = Response(
+            answer,
+            status=200,
+            mimetype="application/json" if header_length is None else "application/octet-stream",
+        )
+        if header_length is not None:
+            response.headers[HEADER_LENGTH] = str(header_length)
+        response.headers["Server-Timing"] = _server_timing(timings)
+        return response
+
+
+def _error_body(error: ServiceError) -> dict[str, Any]:
+    """Return an error's JSON: the v2 protocol's ``{"error": message}`` under ``/v2``."""
+    if request.path.startswith("/v2/"):
+        return {"error": error.message}
+    return error.to_json()
+
 
 def _register_errors(app: Flask) -> None:
     @app.errorhandler(ServiceError)
     def service_error(error: ServiceError) -> tuple[Response, int]:
-        response = jsonify(error.to_json())
+        response = jsonify(_error_body(error))
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None:
             response.headers["Retry-After"] = str(retry_after)
@@ -475,8 +563,8 @@ def _register_errors(app: Flask) -> None:
             mapped = PayloadTooLarge("request body", config.max_any_body_bytes)
         else:
             mapped = BadRequest(error.description or "bad request")
-            return jsonify(mapped.to_json()), error.code or 400
-        response = jsonify(mapped.to_json())
+            return jsonify(_error_body(mapped)), error.code or 400
+        response = jsonify(_error_body(mapped))
         allowed = getattr(error, "valid_methods", None)
         if allowed:  # RFC 9110: a 405 lists the methods the route supports
             response.headers["Allow"] = ", ".join(sorted(allowed))
@@ -486,4 +574,4 @@ def _register_errors(app: Flask) -> None:
     def unexpected(error: Exception) -> tuple[Response, int]:
         log.exception("unhandled error on %s %s", request.method, request.path)
         failure = InternalError("internal error; the server logged it")
-        return jsonify(failure.to_json()), failure.status
+        return jsonify(_error_body(failure)), failure.status

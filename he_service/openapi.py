@@ -1,12 +1,16 @@
-"""The OpenAPI 3.1 document of HTTP API v1 (served at ``/v1/openapi.json``)."""
+"""The OpenAPI 3.1 document of HTTP API v1 and of the v2 routes (served at ``/v1/openapi.json``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from he_service.openapi_v2 import V2_ERROR, V2_ERROR_RESPONSE, V2_PATHS
 from he_service.protocol import MEDIA_TYPE
 
-__all__ = ["openapi_document"]
+__all__ = ["PUBLIC_PATHS", "openapi_document"]
+
+# Routes anyone may call, with or without a token (load balancers and orchestrators probe them).
+PUBLIC_PATHS = frozenset({"/v1/health", "/v2/health/live", "/v2/health/ready"})
 
 _ERROR = {"$ref": "#/components/responses/Error"}
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -229,15 +233,18 @@ def _ok(description: str, content: dict[str, Any] | None = None) -> dict[str, An
 
 
 def openapi_document(version: str) -> dict[str, Any]:
-    """Return the OpenAPI document of the v1 routes."""
+    """Return the OpenAPI document of the v1 and v2 routes."""
     document = _routes(version)
+    document["paths"].update(V2_PATHS)
+    document["components"]["responses"]["V2Error"] = V2_ERROR_RESPONSE
     # With API tokens on, every route but health needs one, and each counts against a rate.
     for path, operations in document["paths"].items():
-        if path == "/v1/health":
+        if path in PUBLIC_PATHS:
             continue
+        error = V2_ERROR if path.startswith("/v2/") else _ERROR
         for operation in operations.values():
             operation["security"] = [{"bearer": []}, {}]
-            operation["responses"].update({"400": _ERROR, "401": _ERROR, "429": _ERROR})
+            operation["responses"].update({"400": error, "401": error, "429": error})
     document["components"]["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "description": "API token"}
     }

@@ -49,7 +49,6 @@ from he_service.protocol import (
     PrefixDecoding,
     ProtocolError,
     decode_frames,
-    encode_frames,
     framed_size,
     load_seal,
     output_step,
@@ -283,9 +282,9 @@ class ServedPlan(ABC):
         """Estimate the peak memory of a request of ``count`` input ciphertexts.
 
         ``read`` copies the body's frames and loads every unit before ``run`` evaluates them
-        one at a time, and ``answer`` holds the outputs twice (serialized, then framed): frames
-        + inputs + one unit's working set + outputs, plus an eighth for SEAL's and the
-        allocator's slack (measured: ``benchmarks/memory_faults.py batch``).
+        one at a time, and the answer holds the outputs twice (serialized, then framed or
+        encoded): frames + inputs + one unit's working set + outputs, plus an eighth for SEAL's
+        and the allocator's slack (measured: ``benchmarks/memory_faults.py batch``).
         """
         units = max(1, count // self.inputs_per_unit)
         frames = count * self.params.ciphertext_bytes(seeded=True)
@@ -376,7 +375,7 @@ class ServedPlan(ABC):
         return units * self.samples_per_unit
 
     def read(self, parts: Iterable[bytes], count: int, timings: Timings) -> EncryptedRequest:
-        """Load and check a request's ciphertexts, unit by unit.
+        """Load and check a request's framed ciphertexts, unit by unit.
 
         Args:
             parts: framed messages whose items, in order, are the request's ciphertexts (one
@@ -391,31 +390,48 @@ class ServedPlan(ABC):
             ProtocolError: malformed frames or ciphertexts, or parts that hold another count.
             EvaluationError: a unit the evaluator refuses (level, scale, size).
         """
+        return self.load(_items(parts, count), count, timings)
+
+    def load(self, items: Iterable[bytes], count: int, timings: Timings) -> EncryptedRequest:
+        """Load and check a request's serialized ciphertexts, unit by unit.
+
+        Args:
+            items: the request's ciphertexts, in order.
+            count: how many there are, checked by ``check_count``.
+            timings: where ``deserialize`` seconds go.
+
+        Returns:
+            The loaded units.
+
+        Raises:
+            ProtocolError: malformed ciphertexts, or another count than ``count``.
+            EvaluationError: a unit the evaluator refuses (level, scale, size).
+        """
         start = time.perf_counter()
         per_unit = self.inputs_per_unit
         loaded: list[Ciphertexts] = []
         unit: Ciphertexts = []
         index = 0
-        for part in parts:
-            for item in decode_frames(part, max_items=max(1, count - index)):
-                what = f"input ciphertext {index}"
-                with _seal_memory():
-                    unit.append(
-                        load_seal(
-                            seal.Ciphertext,
-                            item,
-                            self.context,
-                            what=what,
-                            max_bytes=self.max_ciphertext_bytes,
-                        )
+        for item in items:
+            if index == count:
+                raise ProtocolError(f"expected {count} ciphertexts, the request holds more")
+            with _seal_memory():
+                unit.append(
+                    load_seal(
+                        seal.Ciphertext,
+                        item,
+                        self.context,
+                        what=f"input ciphertext {index}",
+                        max_bytes=self.max_ciphertext_bytes,
                     )
-                index += 1
-                if len(unit) == per_unit:
-                    self.check(unit)
-                    loaded.append(unit)
-                    unit = []
+                )
+            index += 1
+            if len(unit) == per_unit:
+                self.check(unit)
+                loaded.append(unit)
+                unit = []
         if index != count:
-            raise ProtocolError(f"expected {count} ciphertexts, the parts hold {index}")
+            raise ProtocolError(f"expected {count} ciphertexts, the request holds {index}")
         timings.add("deserialize", time.perf_counter() - start)
         return EncryptedRequest(loaded)
 
@@ -432,12 +448,12 @@ class ServedPlan(ABC):
                 for ct in self.evaluate(unit, keys.relin_keys, keys.galois_keys, timings)
             ]
 
-    def answer(self, outputs: Ciphertexts, timings: Timings) -> bytes:
-        """Serialize output ciphertexts into the response body."""
+    def serialize(self, outputs: Ciphertexts, timings: Timings) -> list[bytes]:
+        """Serialize output ciphertexts, in order."""
         start = time.perf_counter()
-        body = encode_frames([save_seal(ct) for ct in outputs])
+        items = [save_seal(ct) for ct in outputs]
         timings.add("serialize", time.perf_counter() - start)
-        return body
+        return items
 
     @abstractmethod
     def check(self, unit: Ciphertexts) -> None:
@@ -596,6 +612,15 @@ class ServedBatch(ServedPlan):
         timings: Timings,
     ) -> Ciphertexts:
         return self._evaluator.evaluate(unit, relin_keys, timings)  # no rotations, no Galois keys
+
+
+def _items(parts: Iterable[bytes], count: int) -> Iterator[bytes]:
+    """Yield the items of framed parts, refusing a part of more than ``count`` in all."""
+    index = 0
+    for part in parts:
+        items = decode_frames(part, max_items=max(1, count - index))
+        index += len(items)
+        yield from items
 
 
 def resident_bytes(compiled: CompiledModel) -> int:

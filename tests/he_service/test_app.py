@@ -90,6 +90,11 @@ def test_openapi_lists_every_route(app: Flask) -> None:
         "/v1/uploads/{upload_id}",
         "/v1/openapi.json",
         "/metrics",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/{name}",
+        "/v2/models/{name}/ready",
+        "/v2/models/{name}/infer",
     }
 
 

@@ -12,7 +12,7 @@ from flask import Flask
 
 from clients import AuthenticationError, ContextNotFoundError, HEClient, RateLimitedError
 from he_service import create_app
-from he_service.auth import hash_token
+from he_service.auth import UNAUTHORIZED_MESSAGE, hash_token
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-9876543210"
 
@@ -52,6 +52,12 @@ def test_health_is_open_and_everything_else_needs_a_token(app: Flask) -> None:
     answer = app.test_client().get("/metrics")
     assert answer.status_code == 401
     assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+    # The v2 probes are open too; the v2 model routes answer 401 in the protocol's format.
+    web = app.test_client()
+    assert web.get("/v2/health/live").status_code == web.get("/v2/health/ready").status_code == 200
+    for answer in (web.get("/v2/models/breast-cancer-mlp"), web.post("/v2/models/x/infer")):
+        assert answer.status_code == 401
+        assert answer.get_json() == {"error": UNAUTHORIZED_MESSAGE}
 
 
 def test_a_token_cannot_see_or_use_another_tokens_context(app: Flask, alice: HEClient) -> None:

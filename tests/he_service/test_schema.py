@@ -8,6 +8,7 @@ keys and ciphertexts and checks the documented success answers the same way.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -158,6 +159,19 @@ def test_documented_success_answers_conform(api_schema: Any, he_client: HEClient
         media_type=MEDIA_TYPE,
     )
     assert "affine;dur=" in response.headers["server-timing"][0]
+    _call(api_schema, "/v2/health/live", "GET", 200)
+    _call(api_schema, "/v2/health/ready", "GET", 200)
+    name = {"path_parameters": {"name": BREAST}}
+    _call(api_schema, "/v2/models/{name}", "GET", 200, **name)
+    _call(api_schema, "/v2/models/{name}/ready", "GET", 200, **name)
+    ciphertexts = session.encrypt(np.zeros(30))
+    tensor = {"name": "ciphertexts", "datatype": "BYTES", "shape": [len(ciphertexts)]}
+    infer = {
+        "inputs": [{**tensor, "data": [base64.b64encode(c).decode() for c in ciphertexts]}],
+        "parameters": {"context_id": context_id},
+    }
+    response = _call(api_schema, "/v2/models/{name}/infer", "POST", 200, **name, body=infer)
+    assert response.json()["outputs"][0]["shape"] == [1]
     uploads = {"path_parameters": {"name": BREAST}, "headers": {"X-Context-Id": context_id}}
     created = _call(api_schema, "/v1/models/{name}/uploads", "POST", 201, **uploads)
     upload = {"upload_id": created.json()["upload_id"]}
