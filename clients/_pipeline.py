@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import time
 from collections import deque
 from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -104,9 +105,15 @@ def _finish(
     samples: int,
     futures: list[Future[list[bytes]]],
 ) -> ScoredGroup:
-    """Wait for a group's ciphertexts, send them, decrypt and release the answer."""
+    """Wait for a group's ciphertexts, send them, decrypt and release the answer.
+
+    The wait is timed as ``encrypt_wait``: the encryption the pipeline failed to hide.
+    """
+    waited = time.perf_counter()
     ciphertexts = [ct for future in futures for ct in future.result()]
-    released = session._send_group(ciphertexts, samples, session.last_timings)
+    timings = session.last_timings
+    timings["encrypt_wait"] = timings.get("encrypt_wait", 0.0) + time.perf_counter() - waited
+    released = session._send_group(ciphertexts, samples, timings)
     sent = framed_size(len(ciphertexts), sum(map(len, ciphertexts)))
     return ScoredGroup(index, start, flagged_outputs(released, session.card, stacklevel=4), sent)
 

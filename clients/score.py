@@ -51,6 +51,7 @@ class ScoreSummary:
     seconds: float
     bytes_sent: int
     out_of_range: int
+    stages: dict[str, float]
 
     def lines(self) -> list[str]:
         per_row = self.seconds / self.scored_rows * 1000 if self.scored_rows else 0.0
@@ -64,6 +65,7 @@ class ScoreSummary:
             f"{self.groups - self.skipped_groups} groups{skipped})",
             f"time: {self.seconds:.1f} s, {per_row:.3f} ms per row",
             f"sent: {self.bytes_sent / 1e6:.1f} MB",
+            "stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.stages.items()),
         ]
         if self.out_of_range:
             lines.append(
@@ -160,9 +162,10 @@ def score_file(
     ):
         warnings.simplefilter("ignore", OutOfRangeWarning)  # counted in the summary instead
         bar.update(sum(record.rows_of(i) for i in done))
-        for group in session.score_iter(
+        groups = session.score_iter(
             table.values, group_rows=record.group_rows, workers=workers, skip=done
-        ):
+        )
+        for group in groups:
             record.add(group.index, group.outputs)
             sent += group.bytes_sent
             scored += len(group.outputs)
@@ -175,7 +178,14 @@ def score_file(
     )
     record.remove()
     return ScoreSummary(
-        rows, scored, record.groups, len(done), seconds, sent, int(np.count_nonzero(flagged))
+        rows,
+        scored,
+        record.groups,
+        len(done),
+        seconds,
+        sent,
+        int(np.count_nonzero(flagged)),
+        dict(session.last_timings),
     )
 
 
