@@ -91,7 +91,10 @@ def score_groups(
         queued: deque[tuple[int, int, int, list[Future[list[bytes]]]]] = deque()
         for i, start in zip(indices, starts, strict=True):
             group = rows[start : start + size]
-            queued.append((i, start, len(group), encrypt(session, group)))
+            began = time.perf_counter()
+            futures = encrypt(session, group)
+            _add(session.last_timings, "prepare", time.perf_counter() - began)
+            queued.append((i, start, len(group), futures))
             if len(queued) > _AHEAD:
                 yield _finish(session, *queued.popleft())
         while queued:
@@ -112,10 +115,14 @@ def _finish(
     waited = time.perf_counter()
     ciphertexts = [ct for future in futures for ct in future.result()]
     timings = session.last_timings
-    timings["encrypt_wait"] = timings.get("encrypt_wait", 0.0) + time.perf_counter() - waited
+    _add(timings, "encrypt_wait", time.perf_counter() - waited)
     released = session._send_group(ciphertexts, samples, timings)
     sent = framed_size(len(ciphertexts), sum(map(len, ciphertexts)))
     return ScoredGroup(index, start, flagged_outputs(released, session.card, stacklevel=4), sent)
+
+
+def _add(timings: dict[str, float], stage: str, seconds: float) -> None:
+    timings[stage] = timings.get(stage, 0.0) + seconds
 
 
 class _Encryptors:
