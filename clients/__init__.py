@@ -18,6 +18,7 @@ from clients._errors import (
     TransportError,
 )
 from clients._outputs import OutOfRangeWarning, Outputs
+from clients._pipeline import ScoredGroup
 from clients._retry import Retry
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "PayloadTooLargeError",
     "RateLimitedError",
     "Retry",
+    "ScoredGroup",
     "ServerError",
     "ServiceUnavailableError",
     "TransportError",

@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from clients._errors import (
     error_from_response,
 )
 from clients._outputs import Outputs, flagged_outputs
+from clients._pipeline import ScoredGroup, score_groups
 from clients._release import release
 from clients._retry import NO_RETRY, Retry, call_with_retries
 from he_service.protocol import (
@@ -388,6 +389,32 @@ class ModelSession:
         self.last_timings = timings
         return flagged_outputs(np.concatenate(rows), self.card, stacklevel=2)
 
+    def score_iter(
+        self,
+        rows: np.ndarray,
+        *,
+        group_rows: int | None = None,
+        workers: int | None = None,
+        skip: Collection[int] = (),
+    ) -> Iterator[ScoredGroup]:
+        """Yield the released outputs of many rows group by group, in order, as they arrive.
+
+        Groups are encrypted on every core (a process pool) while the group before is sent
+        and decrypted; a batch group holds as many rows as the plan has slots, a latency group
+        as many as one request carries. ``last_timings`` adds up the stages as they go.
+
+        Args:
+            rows: raw samples, one per row.
+            group_rows: rows per group (at most, and by default, a whole group).
+            workers: encrypting processes (default: every core; 1 encrypts in this process).
+            skip: indices of groups not to score (scored by an earlier run).
+
+        Raises:
+            ValueError: ``group_rows`` or ``workers`` out of range.
+        """
+        self.last_timings = {}
+        return score_groups(self, rows, group_rows=group_rows, workers=workers, skip=skip)
+
     def classify(self, x: np.ndarray) -> str:
         """Return the label of the largest released output (``predict``).
 
@@ -417,24 +444,47 @@ class ModelSession:
     def _predict_in_parts(
         self, vectors: Iterable[np.ndarray], samples: int, timings: dict[str, float]
     ) -> np.ndarray:
-        """Send one unit as an upload in parts; decode its outputs.
+        """Send one unit as an upload in parts, encrypting as it goes; decode its outputs."""
+        vectors = list(vectors)
+
+        def ciphertexts() -> Iterator[bytes]:
+            for vector in vectors:
+                start = time.perf_counter()
+                ciphertext = self.keys.encrypt(vector)
+                _add(timings, "encrypt", time.perf_counter() - start)
+                yield ciphertext
+
+        return self._send_in_parts(ciphertexts, samples, timings)
+
+    def _send_group(
+        self, ciphertexts: list[bytes], samples: int, timings: dict[str, float]
+    ) -> np.ndarray:
+        """Send encrypted units in one body, or one unit too large for a body as an upload."""
+        size = framed_size(len(ciphertexts), sum(map(len, ciphertexts)))
+        if size <= self.spec.limits.max_request_bytes:
+            return self._predict_body(ciphertexts, samples, timings)
+        return self._send_in_parts(lambda: iter(ciphertexts), samples, timings)
+
+    def _send_in_parts(
+        self, ciphertexts: Callable[[], Iterator[bytes]], samples: int, timings: dict[str, float]
+    ) -> np.ndarray:
+        """Send one unit's ``ciphertexts()`` as an upload in parts; decode its outputs.
 
         The server deletes an upload once it has evaluated it, so a prediction retried after
         a dropped connection finds it gone when only the answer was lost: then the unit is
         uploaded once more.
         """
-        vectors = list(vectors)
         try:
-            return self._upload_and_predict(vectors, samples, timings)
+            return self._upload_and_predict(ciphertexts(), samples, timings)
         except NotFoundError as exc:
             if exc.details.get("attempts", 1) <= 1 or isinstance(exc, ContextNotFoundError):
                 raise
-            return self._upload_and_predict(vectors, samples, timings)
+            return self._upload_and_predict(ciphertexts(), samples, timings)
 
     def _upload_and_predict(
-        self, vectors: list[np.ndarray], samples: int, timings: dict[str, float]
+        self, ciphertexts: Iterator[bytes], samples: int, timings: dict[str, float]
     ) -> np.ndarray:
-        """Send one unit as an upload in parts, encrypting as it goes; decode its outputs."""
+        """Send one unit's ciphertexts as an upload in parts, as they come; decode its outputs."""
         name, plan, limit = self.card.name, self.plan, self.spec.limits.max_part_bytes
         upload = self._with_context(
             lambda: self.client.create_upload(name, self.context_id, plan=plan)
@@ -443,10 +493,7 @@ class ModelSession:
         try:
             part: list[bytes] = []
             index = 0
-            for vector in vectors:
-                start = time.perf_counter()
-                ciphertext = self.keys.encrypt(vector)
-                _add(timings, "encrypt", time.perf_counter() - start)
+            for ciphertext in ciphertexts:
                 if (
                     part
                     and framed_size(len(part) + 1, sum(map(len, part)) + len(ciphertext)) > limit

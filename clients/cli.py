@@ -1,4 +1,4 @@
-"""``he-client``: list models, predict an image or array, or run the quick-start demo."""
+"""``he-client``: list models, predict an image or array, score a file, or run the demo."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
 import numpy as np
 
+from clients import score
 from clients._client import HEClient, ModelSession
 from clients._errors import HEClientError
 from clients._outputs import OutOfRangeWarning, Outputs
+from clients._readers import InputFileError
 from he_service.protocol import Task
 
 __all__ = ["load_sample", "main"]
@@ -169,8 +172,12 @@ def _cmd_demo(_: HEClient | None, args: argparse.Namespace) -> int:
         store.cleanup()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line and run it; returns the process exit code."""
+def main(argv: Sequence[str] | None = None, *, transport: httpx.BaseTransport | None = None) -> int:
+    """Parse the command line and run it; returns the process exit code.
+
+    ``transport`` lets tests run the service in-process, as for ``HEClient``. An input file
+    that cannot be scored exits with 2, any other failure with 1.
+    """
     parser = argparse.ArgumentParser(prog="he-client", description=__doc__)
     parser.add_argument(
         "--url",
@@ -193,15 +200,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     predict.add_argument("--save-keys", type=Path, help="write all keys (secret too) here, 0600")
     predict.add_argument("--invert", action="store_true", help="invert dark-on-light images")
     predict.add_argument("files", nargs="+", type=Path, help="PNG/JPEG images or .npy arrays")
+    score.add_parser(commands)
     commands.add_parser("demo", help="start a local server and classify sample digits")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return _cmd_demo(None, args)
         urls = [url for url in args.url.split(",") if url]
-        with HEClient(urls, timeout=args.timeout, token=args.token) as client:
-            handler = {"models": _cmd_models, "predict": _cmd_predict}[args.command]
-            return handler(client, args)
+        with HEClient(urls, timeout=args.timeout, token=args.token, transport=transport) as client:
+            handler = {"models": _cmd_models, "predict": _cmd_predict, "score": score.run}
+            return handler[args.command](client, args)
+    except InputFileError as exc:
+        print(f"he-client: {exc}", file=sys.stderr)
+        return 2
     except (HEClientError, ValueError, OSError) as exc:
         print(f"he-client: {exc}", file=sys.stderr)
         return 1

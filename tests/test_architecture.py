@@ -70,6 +70,7 @@ def test_public_apis_are_pinned() -> None:
             "PayloadTooLargeError",
             "RateLimitedError",
             "Retry",
+            "ScoredGroup",
             "ServerError",
             "ServiceUnavailableError",
             "TransportError",

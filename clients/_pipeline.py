@@ -1,0 +1,196 @@
+"""Score many rows as a pipeline: encrypt on every core while the previous group is sent.
+
+SEAL holds the GIL, so threads would not encrypt in parallel: a pool of processes does, each
+loading the secret key once. The main process preprocesses a group, splits its slot vectors
+among the workers, and while they encrypt it sends the group before and decrypts its answer.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Collection, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from clients._outputs import Outputs, flagged_outputs
+from he_service.protocol import (
+    CkksParams,
+    PlanKind,
+    framed_size,
+    load_seal,
+    preprocess,
+    save_seal,
+    seal_context,
+)
+
+if TYPE_CHECKING:
+    from clients._client import ModelSession
+
+__all__ = ["ScoredGroup", "group_rows_for", "score_groups"]
+
+# Groups encrypted ahead of the one being sent: one keeps every worker busy during a request.
+_AHEAD = 1
+
+
+@dataclass(frozen=True)
+class ScoredGroup:
+    """The released outputs of one group of rows, ``rows[start:start + len(outputs)]``."""
+
+    index: int
+    start: int
+    outputs: Outputs
+    bytes_sent: int
+
+
+def group_rows_for(session: ModelSession) -> int:
+    """Return the rows of one group: a batch group's slots, or the samples of one request."""
+    spec = session.spec
+    if spec.kind == PlanKind.BATCH:
+        return spec.samples_per_unit
+    return max(1, spec.limits.max_samples_per_request)
+
+
+def score_groups(
+    session: ModelSession,
+    rows: np.ndarray,
+    *,
+    group_rows: int | None = None,
+    workers: int | None = None,
+    skip: Collection[int] = (),
+) -> Iterator[ScoredGroup]:
+    """Yield the released outputs of ``rows`` group by group, in order, as they arrive.
+
+    Args:
+        session: the model session whose keys and plan are used.
+        rows: raw samples, one per row (any shape with the model's number of values).
+        group_rows: rows per group (at most, and by default, ``group_rows_for(session)``).
+        workers: encrypting processes (default: every core; 1 encrypts in this process).
+        skip: indices of groups not to score (already scored by an earlier run).
+
+    Raises:
+        ValueError: ``group_rows`` or ``workers`` below 1, or ``group_rows`` above one group.
+    """
+    limit = group_rows_for(session)
+    size = limit if group_rows is None else group_rows
+    if not 1 <= size <= limit:
+        raise ValueError(f"group_rows must be between 1 and {limit} for this plan, got {size}")
+    count = os.cpu_count() or 1 if workers is None else workers
+    if count < 1:
+        raise ValueError(f"workers must be at least 1, got {count}")
+    starts = [s for i, s in enumerate(range(0, len(rows), size)) if i not in skip]
+    indices = [s // size for s in starts]
+    with _Encryptors(session, count) as encrypt:
+        queued: deque[tuple[int, int, int, list[Future[list[bytes]]]]] = deque()
+        for i, start in zip(indices, starts, strict=True):
+            group = rows[start : start + size]
+            began = time.perf_counter()
+            futures = encrypt(session, group)
+            _add(session.last_timings, "prepare", time.perf_counter() - began)
+            queued.append((i, start, len(group), futures))
+            if len(queued) > _AHEAD:
+                yield _finish(session, *queued.popleft())
+        while queued:
+            yield _finish(session, *queued.popleft())
+
+
+def _finish(
+    session: ModelSession,
+    index: int,
+    start: int,
+    samples: int,
+    futures: list[Future[list[bytes]]],
+) -> ScoredGroup:
+    """Wait for a group's ciphertexts, send them, decrypt and release the answer.
+
+    The wait is timed as ``encrypt_wait``: the encryption the pipeline failed to hide.
+    """
+    waited = time.perf_counter()
+    ciphertexts = [ct for future in futures for ct in future.result()]
+    timings = session.last_timings
+    _add(timings, "encrypt_wait", time.perf_counter() - waited)
+    released = session._send_group(ciphertexts, samples, timings)
+    sent = framed_size(len(ciphertexts), sum(map(len, ciphertexts)))
+    return ScoredGroup(index, start, flagged_outputs(released, session.card, stacklevel=4), sent)
+
+
+def _add(timings: dict[str, float], stage: str, seconds: float) -> None:
+    timings[stage] = timings.get(stage, 0.0) + seconds
+
+
+class _Encryptors:
+    """Encrypt a group's slot vectors in a process pool (or here, with one worker)."""
+
+    def __init__(self, session: ModelSession, workers: int) -> None:
+        self._workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        if workers > 1:
+            # spawn, not fork: a forked child would inherit SEAL's and httpx's threads' locks.
+            self._pool = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_load_key,
+                initargs=(session.keys.params, save_seal(session.keys.secret_key)),
+            )
+        else:
+            _load_key(session.keys.params, save_seal(session.keys.secret_key))
+
+    def __enter__(self) -> _Encryptors:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __call__(self, session: ModelSession, rows: np.ndarray) -> list[Future[list[bytes]]]:
+        """Preprocess and encode ``rows``; start encrypting their vectors, in order."""
+        prepared = np.stack(
+            [preprocess(x, session.card.preprocessing, session.card.input_shape) for x in rows]
+        )
+        vectors = np.asarray(
+            [v for unit in session.spec.input_encoding.units(prepared) for v in unit]
+        )
+        if self._pool is None:
+            done: Future[list[bytes]] = Future()
+            done.set_result(_encrypt(vectors))
+            return [done]
+        chunk = math.ceil(len(vectors) / self._workers)
+        return [
+            self._pool.submit(_encrypt, vectors[i : i + chunk])
+            for i in range(0, len(vectors), chunk)
+        ]
+
+
+# The worker's encryption objects, made once per process by ``_load_key``.
+_state: dict[str, object] = {}
+
+
+def _load_key(params: CkksParams, secret: bytes) -> None:
+    context = seal_context(params)
+    key = load_seal(seal.SecretKey, secret, context, what="secret key")
+    _state.update(
+        params=params,
+        encoder=seal.CKKSEncoder(context),
+        encryptor=seal.Encryptor(context, key),
+    )
+
+
+def _encrypt(vectors: np.ndarray) -> list[bytes]:
+    """Encrypt slot vectors as ``KeySet.encrypt`` does, with this process's loaded key."""
+    params = _state["params"]
+    encoder, encryptor = _state["encoder"], _state["encryptor"]
+    assert isinstance(params, CkksParams)
+    assert isinstance(encoder, seal.CKKSEncoder) and isinstance(encryptor, seal.Encryptor)
+    out = []
+    for vector in vectors:
+        plain = seal.Plaintext()
+        encoder.encode(vector.tolist(), params.scale, plain)
+        out.append(save_seal(encryptor.encrypt_symmetric(plain)))
+    return out
