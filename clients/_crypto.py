@@ -16,6 +16,7 @@ from he_service.protocol import (
     galois_element,
     load_seal,
     save_seal,
+    save_seeded,
     seal_context,
 )
 
@@ -73,7 +74,7 @@ class KeySet:
         seal.CKKSEncoder(context).encode(
             np.asarray(slots, dtype=np.float64).tolist(), self.params.scale, plain
         )
-        return save_seal(seal.Encryptor(context, self.secret_key).encrypt_symmetric(plain))
+        return save_seeded(seal.Encryptor(context, self.secret_key).encrypt_symmetric(plain))
 
     def _decrypt_slots(self, data: bytes) -> np.ndarray:
         """Decrypt a ciphertext from the server and decode all its slots as complex numbers.

@@ -7,12 +7,16 @@ among the workers, and while they encrypt it sends the group before and decrypts
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import math
+import mmap
 import multiprocessing
 import os
+import tempfile
 import time
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,12 +26,14 @@ import tenseal.sealapi as seal
 
 from clients._outputs import Outputs, flagged_outputs
 from he_service.protocol import (
+    Buffer,
     CkksParams,
     PlanKind,
     framed_size,
     load_seal,
     preprocess,
     save_seal,
+    save_seeded,
     seal_context,
 )
 
@@ -88,17 +94,21 @@ def score_groups(
     starts = [s for i, s in enumerate(range(0, len(rows), size)) if i not in skip]
     indices = [s // size for s in starts]
     with _Encryptors(session, count) as encrypt:
-        queued: deque[tuple[int, int, int, list[Future[list[bytes]]]]] = deque()
-        for i, start in zip(indices, starts, strict=True):
-            group = rows[start : start + size]
-            began = time.perf_counter()
-            futures = encrypt(session, group)
-            _add(session.last_timings, "prepare", time.perf_counter() - began)
-            queued.append((i, start, len(group), futures))
-            if len(queued) > _AHEAD:
+        queued: deque[tuple[int, int, int, _Pending]] = deque()
+        try:
+            for i, start in zip(indices, starts, strict=True):
+                group = rows[start : start + size]
+                began = time.perf_counter()
+                pending = encrypt(session, group)
+                _add(session.last_timings, "prepare", time.perf_counter() - began)
+                queued.append((i, start, len(group), pending))
+                if len(queued) > _AHEAD:
+                    yield _finish(session, *queued.popleft())
+            while queued:
                 yield _finish(session, *queued.popleft())
-        while queued:
-            yield _finish(session, *queued.popleft())
+        finally:
+            for *_, pending in queued:
+                pending.cancel()
 
 
 def _finish(
@@ -106,23 +116,139 @@ def _finish(
     index: int,
     start: int,
     samples: int,
-    futures: list[Future[list[bytes]]],
+    pending: _Pending,
 ) -> ScoredGroup:
     """Wait for a group's ciphertexts, send them, decrypt and release the answer.
 
     The wait is timed as ``encrypt_wait``: the encryption the pipeline failed to hide.
     """
     waited = time.perf_counter()
-    ciphertexts = [ct for future in futures for ct in future.result()]
-    timings = session.last_timings
-    _add(timings, "encrypt_wait", time.perf_counter() - waited)
-    released = session._send_group(ciphertexts, samples, timings)
-    sent = framed_size(len(ciphertexts), sum(map(len, ciphertexts)))
+    with pending.ciphertexts() as ciphertexts:
+        timings = session.last_timings
+        _add(timings, "encrypt_wait", time.perf_counter() - waited)
+        released = session._send_group(ciphertexts, samples, timings)
+        sent = framed_size(len(ciphertexts), sum(map(len, ciphertexts)))
     return ScoredGroup(index, start, flagged_outputs(released, session.card, stacklevel=4), sent)
 
 
 def _add(timings: dict[str, float], stage: str, seconds: float) -> None:
     timings[stage] = timings.get(stage, 0.0) + seconds
+
+
+class _Pending:
+    """A group being encrypted: in this process, or by the pool into a shared scratch file.
+
+    Pool workers write their ciphertexts into the file at fixed offsets and return only the
+    lengths; this process maps the file and sends slices of it. Pickling the ciphertexts back
+    through pipes instead cost as much CPU as encrypting them (200 MB per MNIST group).
+    """
+
+    def __init__(
+        self,
+        futures: list[Future[list[int]]] | None = None,
+        scratch: _Scratch | None = None,
+        ready: list[bytes] | None = None,
+    ) -> None:
+        self._futures, self._scratch, self._ready = futures or [], scratch, ready
+
+    @contextlib.contextmanager
+    def ciphertexts(self) -> Iterator[Sequence[Buffer]]:
+        """Wait for the ciphertexts; they stay valid until the block ends."""
+        if self._scratch is None:
+            yield self._ready or []
+            return
+        with self._scratch as scratch:
+            lengths = [n for future in self._futures for n in future.result()]
+            slices = scratch.slices(lengths)
+            try:
+                yield slices
+            finally:
+                for piece in slices:
+                    piece.release()
+
+    def cancel(self) -> None:
+        for future in self._futures:
+            future.cancel()
+        if self._scratch is not None:
+            self._scratch.close()
+
+
+class _Scratch:
+    """A file the workers fill with one group's ciphertexts, each in a slot of ``slot`` bytes.
+
+    The file is unlinked as soon as it is mapped here, so a killed run leaves nothing behind
+    but the rare file of a run killed during its first moments (removed by the next run).
+    """
+
+    def __init__(self, count: int, slot: int) -> None:
+        size = count * slot
+        directory = _scratch_dir(size)
+        handle, self.path = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=directory)
+        try:
+            os.ftruncate(handle, size)
+        except OSError:
+            os.close(handle)
+            os.unlink(self.path)
+            raise
+        self._handle, self.slot = handle, slot
+        self._map: mmap.mmap | None = None
+
+    def __enter__(self) -> _Scratch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def slices(self, lengths: list[int]) -> list[memoryview]:
+        """Map the filled file and return each ciphertext's bytes."""
+        self._map = mmap.mmap(self._handle, len(lengths) * self.slot, prot=mmap.PROT_READ)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        with memoryview(self._map) as view:
+            return [view[i * self.slot : i * self.slot + n] for i, n in enumerate(lengths)]
+
+    def close(self) -> None:
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a slice still referenced: freed with it
+                self._map.close()
+            self._map = None
+        if self._handle >= 0:
+            os.close(self._handle)
+            self._handle = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+_PREFIX = "he-score-"
+
+
+def _scratch_dir(size: int) -> str | None:
+    """Return memory-backed /dev/shm when it holds two groups, else the temporary folder."""
+    try:
+        stats = os.statvfs("/dev/shm")  # noqa: S108  (mkstemp: private, unpredictable names)
+    except OSError:
+        return None
+    return "/dev/shm" if stats.f_bavail * stats.f_frsize > 4 * size else None  # noqa: S108
+
+
+def _sweep_scratch() -> None:
+    """Remove the scratch files of runs that were killed (their process is gone)."""
+    for directory in {"/dev/shm", tempfile.gettempdir()}:  # noqa: S108
+        for path in glob.glob(os.path.join(directory, f"{_PREFIX}*")):
+            pid = os.path.basename(path)[len(_PREFIX) :].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _Encryptors:
@@ -131,7 +257,9 @@ class _Encryptors:
     def __init__(self, session: ModelSession, workers: int) -> None:
         self._workers = workers
         self._pool: ProcessPoolExecutor | None = None
+        self._slot = session.keys.params.ciphertext_bytes(seeded=True)
         if workers > 1:
+            _sweep_scratch()
             # spawn, not fork: a forked child would inherit SEAL's and httpx's threads' locks.
             self._pool = ProcessPoolExecutor(
                 workers,
@@ -149,7 +277,7 @@ class _Encryptors:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __call__(self, session: ModelSession, rows: np.ndarray) -> list[Future[list[bytes]]]:
+    def __call__(self, session: ModelSession, rows: np.ndarray) -> _Pending:
         """Preprocess and encode ``rows``; start encrypting their vectors, in order."""
         prepared = np.stack(
             [preprocess(x, session.card.preprocessing, session.card.input_shape) for x in rows]
@@ -158,14 +286,20 @@ class _Encryptors:
             [v for unit in session.spec.input_encoding.units(prepared) for v in unit]
         )
         if self._pool is None:
-            done: Future[list[bytes]] = Future()
-            done.set_result(_encrypt(vectors))
-            return [done]
+            return _Pending(ready=_encrypt(vectors))
+        scratch = _Scratch(len(vectors), self._slot)
         chunk = math.ceil(len(vectors) / self._workers)
-        return [
-            self._pool.submit(_encrypt, vectors[i : i + chunk])
-            for i in range(0, len(vectors), chunk)
-        ]
+        try:
+            futures = [
+                self._pool.submit(
+                    _encrypt_into, vectors[i : i + chunk], scratch.path, i, self._slot
+                )
+                for i in range(0, len(vectors), chunk)
+            ]
+        except BaseException:
+            scratch.close()
+            raise
+        return _Pending(futures, scratch)
 
 
 # The worker's encryption objects, made once per process by ``_load_key``.
@@ -192,5 +326,24 @@ def _encrypt(vectors: np.ndarray) -> list[bytes]:
     for vector in vectors:
         plain = seal.Plaintext()
         encoder.encode(vector.tolist(), params.scale, plain)
-        out.append(save_seal(encryptor.encrypt_symmetric(plain)))
+        out.append(save_seeded(encryptor.encrypt_symmetric(plain)))
     return out
+
+
+def _encrypt_into(vectors: np.ndarray, path: str, first: int, slot: int) -> list[int]:
+    """Encrypt ``vectors`` into slots ``first, first + 1, ...`` of a scratch file; their sizes."""
+    lengths = []
+    handle = os.open(path, os.O_WRONLY)
+    try:
+        for k, vector in enumerate(vectors):
+            data = _encrypt(vector[None])[0]
+            if len(data) > slot:
+                raise ValueError(f"a ciphertext of {len(data)} bytes exceeds its {slot}-byte slot")
+            view, offset = memoryview(data), (first + k) * slot
+            while view:
+                done = os.pwrite(handle, view, offset)
+                view, offset = view[done:], offset + done
+            lengths.append(len(data))
+    finally:
+        os.close(handle)
+    return lengths

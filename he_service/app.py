@@ -41,7 +41,7 @@ from he_service.observability import Metrics, init_app
 from he_service.oip import HEADER_LENGTH, encode_infer_response, model_metadata, parse_infer_request
 from he_service.openapi import PUBLIC_PATHS, openapi_document
 from he_service.protocol import CONTEXT_HEADER, MEDIA_TYPE
-from he_service.protocol.framing import encode_frames, frame_count
+from he_service.protocol.framing import encode_frames, frame_count, read_frames
 from he_service.protocol.plans import PlanKind
 from he_service.protocol.seal_io import sweep_scratch_files
 from he_service.quotas import Quotas
@@ -311,9 +311,16 @@ def _predict(
     plan: ServedPlan, keys: StoredContext, parts: Iterable[bytes], count: int, *, uploaded: bool
 ) -> Response:
     """Evaluate a request's framed ciphertexts (one body, or an upload's parts); answer them."""
-    outputs, timings = _evaluate(
-        plan, keys, lambda timings: plan.read(parts, count, timings), count, uploaded=uploaded
+    return _respond(
+        _evaluate(
+            plan, keys, lambda timings: plan.read(parts, count, timings), count, uploaded=uploaded
+        )
     )
+
+
+def _respond(evaluated: tuple[list[bytes], Timings]) -> Response:
+    """Answer the output ciphertexts of an evaluation, with its stage durations."""
+    outputs, timings = evaluated
     response = Response(encode_frames(outputs), status=200, mimetype=MEDIA_TYPE)
     response.headers["Server-Timing"] = _server_timing(timings)
     return response
@@ -415,9 +422,28 @@ def _register_routes(app: Flask) -> None:
     def predict(name: str) -> Response:
         plan = _service().registry.model(name).plan(request.args.get("plan"))
         context_id = _context_id(request.headers.get(CONTEXT_HEADER))
-        body = _read_body(plan.max_request_bytes, "request body")
+        declared = request.content_length
+        if declared is None or not request.environ.get("wsgi.input_terminated"):
+            body = _read_body(plan.max_request_bytes, "request body")
+            return _predict(
+                plan, _keys(plan, context_id), [body], frame_count(body), uploaded=False
+            )
+        if declared > plan.max_request_bytes:
+            raise PayloadTooLarge("request body", plan.max_request_bytes)
         keys = _keys(plan, context_id)
-        return _predict(plan, keys, [body], frame_count(body), uploaded=False)
+        # The front stages the body (bounded, outside this process's memory); each ciphertext
+        # is read, loaded and dropped in turn, so the body is never held whole here.
+        count, items = read_frames(
+            request.environ["wsgi.input"].read,
+            declared,
+            max_items=plan.max_units * plan.inputs_per_unit,
+            max_item_bytes=plan.max_ciphertext_bytes,
+        )
+        return _respond(
+            _evaluate(
+                plan, keys, lambda timings: plan.load(items, count, timings), count, uploaded=False
+            )
+        )
 
     @app.post("/v1/models/<name>/uploads")
     def create_upload(name: str) -> tuple[Response, int]:

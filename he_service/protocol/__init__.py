@@ -18,9 +18,12 @@ from he_service.protocol.errors import ProtocolError
 from he_service.protocol.framing import (
     CONTEXT_HEADER,
     MEDIA_TYPE,
+    Buffer,
     decode_frames,
     encode_frames,
+    frame_parts,
     framed_size,
+    read_frames,
 )
 from he_service.protocol.keys import KeyBundle, decode_key_bundle, encode_key_bundle
 from he_service.protocol.outputs import (
@@ -32,6 +35,7 @@ from he_service.protocol.outputs import (
 from he_service.protocol.params import CkksParams, galois_element, seal_context
 from he_service.protocol.plans import PlanCosts, PlanKind, PlanLimits, Task
 from he_service.protocol.seal_io import load_seal, save_seal
+from he_service.protocol.seal_memory import save_seeded
 
 __all__ = [
     "CARD_VERSION",
@@ -39,6 +43,7 @@ __all__ = [
     "MEDIA_TYPE",
     "BatchDecoding",
     "BatchEncoding",
+    "Buffer",
     "CkksParams",
     "GatherEncoding",
     "KeyBundle",
@@ -59,13 +64,16 @@ __all__ = [
     "encode_frames",
     "encode_input",
     "encode_key_bundle",
+    "frame_parts",
     "framed_size",
     "galois_element",
     "load_seal",
     "output_step",
     "preprocess",
+    "read_frames",
     "read_output_ranges",
     "rows_out_of_range",
     "save_seal",
+    "save_seeded",
     "seal_context",
 ]

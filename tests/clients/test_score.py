@@ -4,7 +4,12 @@ after an interruption without re-sending scored groups; bad input refused before
 from __future__ import annotations
 
 import csv
+import glob
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -151,6 +156,9 @@ def test_an_interrupted_run_resumes_without_sending_scored_groups_again(
         summary = score_file(client, source, output, model=BREAST, workers=2, group_rows=10)
         step = client.card(BREAST).plan("batch").output_precision
     assert again.predicts == 2  # groups 1 and 2; group 0 was kept from the first run
+    # The pool handed its ciphertexts over in scratch files: none is left behind.
+    assert not glob.glob(f"/dev/shm/he-score-{os.getpid()}-*")
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"he-score-{os.getpid()}-*"))
     assert (summary.scored_rows, summary.skipped_groups) == (20, 1)
     with output.open() as handle:
         labels = [r["class"] for r in csv.DictReader(handle)]
@@ -192,3 +200,21 @@ def test_an_image_of_another_size_exits_2_naming_it(
     argv = ["score", str(folder), "--model", "digits-cnn", "--output", str(tmp_path / "o.csv")]
     assert main(argv, transport=_Counting(app)) == 2
     assert "b.png: 9x8 pixels, the model expects 8x8" in capsys.readouterr().err
+
+
+def test_scratch_files_of_killed_runs_are_swept(tmp_path: Path) -> None:
+    from clients._pipeline import _sweep_scratch
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    folder = tempfile.gettempdir()
+    stale = Path(folder, f"he-score-{dead}-stale")
+    mine = Path(folder, f"he-score-{os.getpid()}-live")
+    stale.write_bytes(b"x")
+    mine.write_bytes(b"x")
+    try:
+        _sweep_scratch()
+        assert not stale.exists() and mine.exists()
+    finally:
+        stale.unlink(missing_ok=True)
+        mine.unlink(missing_ok=True)

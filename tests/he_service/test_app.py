@@ -185,14 +185,27 @@ def test_bad_context_header_gets_400(app: Flask) -> None:
     )
 
 
-@pytest.mark.parametrize("kind", ["empty", "random", "random-frame", "truncated"])
-def test_garbage_ciphertexts_get_400(app: Flask, session: ModelSession, kind: str) -> None:
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
+@pytest.mark.parametrize(
+    "kind",
+    ["empty", "random", "random-frame", "truncated", "trailing", "huge-item", "no-items"],
+)
+def test_garbage_ciphertexts_get_400(
+    app: Flask, session: ModelSession, kind: str, streamed: bool
+) -> None:
+    # Under the real front the body is read frame by frame (it says the input ends: the
+    # streamed path); without that promise, whole.
     good = session.encrypt(np.zeros((1, 28, 28)))
+    huge = bytearray(encode_frames(good))
+    huge[8:16] = (1 << 40).to_bytes(8, "little")  # the first item declares a terabyte
     body = {
         "empty": b"",
         "random": np.random.default_rng(1).bytes(3000),
         "random-frame": encode_frames([np.random.default_rng(2).bytes(3000)] * 4),
         "truncated": encode_frames(good)[: len(good[0]) // 2],
+        "trailing": encode_frames(good) + b"\0" * 7,
+        "huge-item": bytes(huge),
+        "no-items": encode_frames([]),
     }[kind]
     error = _json_error(
         app,
@@ -201,6 +214,7 @@ def test_garbage_ciphertexts_get_400(app: Flask, session: ModelSession, kind: st
         400,
         data=body,
         headers={"X-Context-Id": session.context_id},
+        environ_overrides={"wsgi.input_terminated": True} if streamed else {},
     )
     assert error["code"] == "bad_request"
 

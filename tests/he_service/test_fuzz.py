@@ -197,8 +197,10 @@ def mutated_bytes(draw: st.DrawFn, base: bytes, hot: int = 256) -> bytes:
 
 
 def _inflate(data: bytes) -> bytes:
-    """Rewrite a zstd-compressed SEAL object uncompressed, so mutations reach SEAL's parser."""
+    """Rewrite a SEAL object uncompressed (if it is not), so mutations reach SEAL's parser."""
     magic, size, major, minor, compression, reserved, _ = SEAL_HEADER.unpack_from(data)
+    if compression == 0:  # fresh ciphertexts from the SDK (save_seeded)
+        return data
     assert compression == 2
     payload = zstandard.ZstdDecompressor().decompress(data[size:], max_output_size=64 << 20)
     header = SEAL_HEADER.pack(magic, size, major, minor, 0, reserved, size + len(payload))

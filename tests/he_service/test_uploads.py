@@ -274,15 +274,15 @@ def test_the_parts_protocol_step_by_step(small_app: Flask, breast_batch: ModelSe
     upload_id = upload["upload_id"]
     group = breast_batch.encrypt(np.zeros(30))
     assert len(group) == 30
-    for index, first in enumerate(range(0, 30, 4)):
+    for index, first in enumerate(range(0, 30, 3)):
         answer = _raw(
             small_app,
             "PUT",
             f"/v1/uploads/{upload_id}/parts/{index}",
-            data=encode_frames(group[first : first + 4]),
+            data=encode_frames(group[first : first + 3]),
         )
         assert answer.status_code == 200, answer.data
-    assert answer.get_json()["ciphertexts"] == 30 and answer.get_json()["parts"] == 8
+    assert answer.get_json()["ciphertexts"] == 30 and answer.get_json()["parts"] == 10
     result = _raw(small_app, "POST", f"/v1/uploads/{upload_id}/predict")
     assert result.status_code == 200, result.data
     assert result.mimetype == "application/vnd.he-inference.frames"
@@ -292,9 +292,9 @@ def test_the_parts_protocol_step_by_step(small_app: Flask, breast_batch: ModelSe
 
 
 def _send(client: HEClient, upload_id: str, ciphertexts: list[bytes]) -> None:
-    """Send ciphertexts as parts of 4 (about 820 KB, under the 1 MiB part limit)."""
-    for index, first in enumerate(range(0, len(ciphertexts), 4)):
-        client.upload_part(upload_id, index, ciphertexts[first : first + 4])
+    """Send ciphertexts as parts of 3 (about 790 KB, under the 1 MiB part limit)."""
+    for index, first in enumerate(range(0, len(ciphertexts), 3)):
+        client.upload_part(upload_id, index, ciphertexts[first : first + 3])
 
 
 def test_bad_parts_are_refused(small_client: HEClient, breast_batch: ModelSession) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from he_service.protocol.params import CkksParams, seal_context
+from he_service.protocol.seal_memory import object_words
 
 __all__ = ["RawAccessError", "raw_access_available", "raw_view"]
 
@@ -22,11 +23,6 @@ class RawAccessError(RuntimeError):
     """The ciphertext's memory layout is not the one this module reads."""
 
 
-# A pybind11 instance is PyObject_HEAD (2 words) then the pointer to the C++ object. A SEAL 4
-# Ciphertext is parms_id (4 words), is_ntt_form, size, poly_modulus_degree, coeff_modulus_size,
-# scale, correction_factor, then DynArray data_: pool handle (2 words), capacity, size, pointer.
-_PY_VALUE_WORD = 2
-_CT_WORDS = 15
 _U64 = ctypes.c_uint64
 
 
@@ -38,10 +34,9 @@ def raw_view(ct: seal.Ciphertext) -> np.ndarray:
     Raises:
         RawAccessError: the memory does not match the ciphertext's metadata.
     """
-    address = (_U64 * 3).from_address(id(ct))[_PY_VALUE_WORD]
-    if not address:
+    words = object_words(ct)
+    if words is None:
         raise RawAccessError("no C++ object behind the ciphertext")
-    words = (_U64 * _CT_WORDS).from_address(address)
     size, degree, limbs = ct.size(), ct.poly_modulus_degree(), ct.coeff_modulus_size()
     count = size * degree * limbs
     if (
