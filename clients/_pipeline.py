@@ -31,7 +31,7 @@ from he_service.protocol import (
     PlanKind,
     framed_size,
     load_seal,
-    preprocess,
+    preprocess_rows,
     save_seal,
     save_seeded,
     seal_context,
@@ -279,9 +279,7 @@ class _Encryptors:
 
     def __call__(self, session: ModelSession, rows: np.ndarray) -> _Pending:
         """Preprocess and encode ``rows``; start encrypting their vectors, in order."""
-        prepared = np.stack(
-            [preprocess(x, session.card.preprocessing, session.card.input_shape) for x in rows]
-        )
+        prepared = preprocess_rows(rows, session.card.preprocessing, session.card.input_shape)
         vectors = np.asarray(
             [v for unit in session.spec.input_encoding.units(prepared) for v in unit]
         )

@@ -13,6 +13,7 @@ from he_service.protocol.encoding import (
     decode_output,
     encode_input,
     preprocess,
+    preprocess_rows,
 )
 from he_service.protocol.errors import ProtocolError
 from he_service.protocol.framing import (
@@ -70,6 +71,7 @@ __all__ = [
     "load_seal",
     "output_step",
     "preprocess",
+    "preprocess_rows",
     "read_frames",
     "read_output_ranges",
     "rows_out_of_range",

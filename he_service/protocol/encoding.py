@@ -37,15 +37,39 @@ def preprocess(x: np.ndarray, spec: Mapping[str, Any], shape: tuple[int, ...]) -
     array = np.asarray(x, dtype=np.float64)
     if array.size != int(np.prod(shape)):
         raise ProtocolError(f"input has {array.size} values; the model expects shape {shape}")
+    result: np.ndarray = preprocess_rows(array.reshape(1, -1), spec, shape)[0]
+    return result
+
+
+def preprocess_rows(
+    rows: np.ndarray, spec: Mapping[str, Any], shape: tuple[int, ...]
+) -> np.ndarray:
+    """Apply ``preprocess`` to every row of ``rows`` at once (the same numbers, row by row).
+
+    Args:
+        rows: raw samples, one per row, each with ``prod(shape)`` elements.
+        spec, shape: as ``preprocess``.
+
+    Returns:
+        The preprocessed samples as float64, shape ``(len(rows), *shape)``.
+
+    Raises:
+        ProtocolError: rows of another size, or non-finite values.
+    """
+    array = np.asarray(rows, dtype=np.float64)
+    size = int(np.prod(shape))
+    if array.ndim == 0 or array.size != len(array) * size:
+        raise ProtocolError(f"rows of {array.shape[1:]} values; the model expects shape {shape}")
     if not np.all(np.isfinite(array)):
         raise ProtocolError("input holds NaN or infinity")
-    array = array.reshape(shape) * float(spec.get("scale", 1.0))
+    array = array.reshape((len(array), *shape)) * float(spec.get("scale", 1.0))
     channel_shape = (-1,) + (1,) * (len(shape) - 1)
     mean = np.asarray(spec.get("mean", [0.0]), dtype=np.float64).reshape(channel_shape)
     std = np.asarray(spec.get("std", [1.0]), dtype=np.float64).reshape(channel_shape)
     if len(shape) == 1:
         mean, std = mean.reshape(-1), std.reshape(-1)
-    return (array - mean) / std
+    result: np.ndarray = (array - mean) / std
+    return result
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,18 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from he_service.artifacts import Conv2d
 from he_service.engine.reference import _im2col as im2col
 from he_service.engine.reference import conv2d
-from he_service.protocol import ProtocolError, decode_output, encode_input, preprocess
+from he_service.protocol import (
+    ProtocolError,
+    decode_output,
+    encode_input,
+    preprocess,
+    preprocess_rows,
+)
 
 
 def test_im2col_matches_a_direct_convolution() -> None:
@@ -66,3 +74,22 @@ def test_unknown_encodings_are_refused() -> None:
         encode_input(np.zeros(2), {"kind": "nope", "slot_count": 4})
     with pytest.raises(ProtocolError, match="unknown output decoding"):
         decode_output(np.zeros(2), {"kind": "nope"})
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
+def test_preprocessing_rows_at_once_equals_row_by_row(rows: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for shape, channels in (((1, 4, 4), 1), ((3, 2, 2), 3), ((5,), 5)):
+        spec = {
+            "scale": float(rng.uniform(0.001, 2)),
+            "mean": rng.normal(size=channels).tolist(),
+            "std": rng.uniform(0.1, 3, size=channels).tolist(),
+        }
+        raw = rng.uniform(-300, 300, size=(rows, int(np.prod(shape))))
+        one_by_one = np.stack([preprocess(x, spec, shape) for x in raw])
+        np.testing.assert_array_equal(preprocess_rows(raw, spec, shape), one_by_one)
+    with pytest.raises(ProtocolError, match="expects shape"):
+        preprocess_rows(np.zeros((2, 7)), {}, (5,))
+    with pytest.raises(ProtocolError, match="NaN"):
+        preprocess_rows(np.full((2, 5), np.nan), {}, (5,))
