@@ -42,6 +42,8 @@ DEFAULT_PORT = 8786
 NO_WORKERS_SECONDS = 60.0
 # How often a wait looks at the cluster.
 _POLL_SECONDS = 1.0
+# How long closing a run may wait for the cluster to drop its tasks and its key.
+_CLOSE_SECONDS = 10.0
 # Decrypting an answer goes before encrypting later groups: the pipeline waits on it.
 _RELEASE_PRIORITY = 10
 
@@ -168,13 +170,19 @@ class DaskBackend:
         return released
 
     def close(self) -> None:
-        """Drop pending tasks, remove the key from the cluster, disconnect if we connected."""
+        """Drop pending tasks, remove the key from the cluster, disconnect if we connected.
+
+        Bounded in time: a cluster that is gone (or an interpreter shutting down) holds no
+        key to remove, and must not keep the run from ending.
+        """
+        pending, self._futures = list(self._futures), set()
         try:
-            if self._futures:
-                self._client.cancel(list(self._futures))
-            self._futures.clear()
-            self._client.unregister_worker_plugin(self._name)
-        except Exception:  # noqa: S110 - a cluster already gone holds no key to remove
+            if pending:
+                self._client.sync(self._client._cancel, pending, callback_timeout=_CLOSE_SECONDS)
+            self._client.sync(
+                self._client._unregister_worker_plugin, self._name, callback_timeout=_CLOSE_SECONDS
+            )
+        except Exception:  # noqa: S110 - see above
             pass
         finally:
             self._close_client()
@@ -216,7 +224,7 @@ class DaskBackend:
 
     def _close_client(self) -> None:
         if self._owned:
-            self._client.close()
+            self._client.close(timeout=_CLOSE_SECONDS)
 
 
 class _Watched:
