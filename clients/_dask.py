@@ -26,6 +26,7 @@ import tenseal.sealapi as seal
 from distributed import Client, Future, get_worker
 from distributed.comm.addressing import parse_address, parse_host_port
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.security import Security
 
 from clients._crypto import KeySet
 from clients._errors import DaskClusterError, HEClientError
@@ -83,9 +84,17 @@ def connect(address: str, *, timeout: float = 10.0) -> Client:
             raise DaskClusterError(
                 f"cannot reach the Dask scheduler at {address}: {reason}; {hint}"
             ) from None
+    if scheme == "tls" and Security().get_connection_args("client").get("ssl_context") is None:
+        raise DaskClusterError(
+            f"{address} needs TLS credentials: set DASK_DISTRIBUTED__COMM__TLS__CA_FILE, "
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and "
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY (or distributed.comm.tls.* in Dask's "
+            "configuration)"
+        )
     try:
         client = Client(address, timeout=timeout, set_as_default=False)
     except Exception as exc:
+        _abandon(exc)
         raise DaskClusterError(
             f"cannot connect to the Dask scheduler at {address}: {type(exc).__name__}: {exc}"
         ) from None
@@ -98,6 +107,21 @@ def connect(address: str, *, timeout: float = 10.0) -> Client:
             f"with `dask worker {address} --nworkers N --nthreads 1`"
         ) from None
     return client
+
+
+def _abandon(error: BaseException) -> None:
+    """Mark the half-made ``Client`` of a failed connection closed.
+
+    Otherwise its finalizer tries to close the connection that never opened, waits twice the
+    timeout and prints a traceback, long after the one-line error was shown.
+    """
+    trace = error.__traceback__
+    while trace is not None:
+        candidate = trace.tb_frame.f_locals.get("self")
+        if isinstance(candidate, Client):
+            candidate.status = "closed"
+            return
+        trace = trace.tb_next
 
 
 def plain_remote(address: str) -> bool:
