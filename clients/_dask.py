@@ -45,6 +45,10 @@ NO_WORKERS_SECONDS = 60.0
 _POLL_SECONDS = 1.0
 # How long closing a run may wait for the cluster to drop its tasks and its key.
 _CLOSE_SECONDS = 10.0
+# A task carries its vectors (so a task lost with its worker runs again elsewhere): at most
+# this many bytes each, below Dask's warning about large graphs (10 MB); a batch group of
+# MNIST is 784 vectors of 4096 slots, 26 MB.
+_CHUNK_BYTES = 8 << 20
 # Decrypting an answer goes before encrypting later groups: the pipeline waits on it.
 _RELEASE_PRIORITY = 10
 
@@ -163,17 +167,18 @@ class DaskBackend:
             plugin = _KeyPlugin(self._name, session.keys.params, save_seal(session.keys.secret_key))
             self._client.register_plugin(plugin, name=self._name)
         except Exception as exc:
-            self._close_client()
+            self.close()  # the scheduler keeps a plugin even when a worker refused it
             raise DaskClusterError(
                 f"could not hand the key to the Dask cluster at {self._address}: "
-                f"{type(exc).__name__}: {exc}"
+                f"{type(exc).__name__}: {exc} (is he-inference[dask], this version, installed "
+                "on every worker?)"
             ) from None
 
     def encrypt(self, vectors: np.ndarray) -> list[_Watched]:
         """Start encrypting ``vectors`` on the workers, in order, in up to ``chunks`` tasks."""
         return [
             _Watched(self, self._submit(_encrypt_task, self._name, chunk))
-            for chunk in _chunks(vectors, self._chunks)
+            for chunk in _chunks(vectors, max(self._chunks, -(-vectors.nbytes // _CHUNK_BYTES)))
         ]
 
     def release(self, outputs: list[bytes], samples: int, timings: dict[str, float]) -> np.ndarray:
