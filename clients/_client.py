@@ -396,6 +396,7 @@ class ModelSession:
         group_rows: int | None = None,
         workers: int | None = None,
         skip: Collection[int] = (),
+        dask: Any = None,
     ) -> Iterator[ScoredGroup]:
         """Yield the released outputs of many rows group by group, in order, as they arrive.
 
@@ -403,17 +404,26 @@ class ModelSession:
         and decrypted; a batch group holds as many rows as the plan has slots, a latency group
         as many as one request carries. ``last_timings`` adds up the stages as they go.
 
+        With ``dask``, a Dask cluster's workers encrypt the groups and decrypt the answers
+        instead: the secret key goes to every worker once, so the cluster must be your own.
+
         Args:
             rows: raw samples, one per row.
             group_rows: rows per group (at most, and by default, a whole group).
-            workers: encrypting processes (default: every core; 1 encrypts in this process).
+            workers: encrypting processes (default: every core; 1 encrypts in this process);
+                with ``dask``, chunks per group (default: the cluster's threads).
             skip: indices of groups not to score (scored by an earlier run).
+            dask: a scheduler address (``tcp://HOST:8786``, ``tls://HOST:8786``) or a
+                ``distributed.Client`` (say, one made with a ``Security`` for TLS).
 
         Raises:
             ValueError: ``group_rows`` or ``workers`` out of range.
+            DaskClusterError: the cluster cannot be reached, or failed during the run.
         """
         self.last_timings = {}
-        return score_groups(self, rows, group_rows=group_rows, workers=workers, skip=skip)
+        return score_groups(
+            self, rows, group_rows=group_rows, workers=workers, skip=skip, dask=dask
+        )
 
     def classify(self, x: np.ndarray) -> str:
         """Return the label of the largest released output (``predict``).
@@ -434,12 +444,15 @@ class ModelSession:
         self, ciphertexts: Sequence[Buffer], samples: int, timings: dict[str, float]
     ) -> np.ndarray:
         """Send one request body; return the decoded outputs of its ``samples`` samples."""
+        return self._decode(self._post_body(ciphertexts, timings), samples, timings)
+
+    def _post_body(self, ciphertexts: Sequence[Buffer], timings: dict[str, float]) -> list[bytes]:
+        """Send one request body; return the output ciphertexts."""
         name, plan = self.card.name, self.plan
-        outputs = self._timed(
+        return self._timed(
             lambda: self.client.predict_raw(name, self.context_id, ciphertexts, plan=plan),
             timings,
         )
-        return self._decode(outputs, samples, timings)
 
     def _predict_in_parts(
         self, vectors: Iterable[np.ndarray], samples: int, timings: dict[str, float]
@@ -454,37 +467,38 @@ class ModelSession:
                 _add(timings, "encrypt", time.perf_counter() - start)
                 yield ciphertext
 
-        return self._send_in_parts(ciphertexts, samples, timings)
+        return self._decode(self._send_in_parts(ciphertexts, timings), samples, timings)
 
-    def _send_group(
-        self, ciphertexts: Sequence[Buffer], samples: int, timings: dict[str, float]
-    ) -> np.ndarray:
-        """Send encrypted units in one body, or one unit too large for a body as an upload."""
+    def _send_group(self, ciphertexts: Sequence[Buffer], timings: dict[str, float]) -> list[bytes]:
+        """Send encrypted units in one body, or one unit too large for a body as an upload.
+
+        Returns the output ciphertexts: the caller decrypts them where its key is.
+        """
         size = framed_size(len(ciphertexts), sum(map(len, ciphertexts)))
         if size <= self.spec.limits.max_request_bytes:
-            return self._predict_body(ciphertexts, samples, timings)
-        return self._send_in_parts(lambda: iter(ciphertexts), samples, timings)
+            return self._post_body(ciphertexts, timings)
+        return self._send_in_parts(lambda: iter(ciphertexts), timings)
 
     def _send_in_parts(
-        self, ciphertexts: Callable[[], Iterator[Buffer]], samples: int, timings: dict[str, float]
-    ) -> np.ndarray:
-        """Send one unit's ``ciphertexts()`` as an upload in parts; decode its outputs.
+        self, ciphertexts: Callable[[], Iterator[Buffer]], timings: dict[str, float]
+    ) -> list[bytes]:
+        """Send one unit's ``ciphertexts()`` as an upload in parts; return its output ciphertexts.
 
         The server deletes an upload once it has evaluated it, so a prediction retried after
         a dropped connection finds it gone when only the answer was lost: then the unit is
         uploaded once more.
         """
         try:
-            return self._upload_and_predict(ciphertexts(), samples, timings)
+            return self._upload_and_predict(ciphertexts(), timings)
         except NotFoundError as exc:
             if exc.details.get("attempts", 1) <= 1 or isinstance(exc, ContextNotFoundError):
                 raise
-            return self._upload_and_predict(ciphertexts(), samples, timings)
+            return self._upload_and_predict(ciphertexts(), timings)
 
     def _upload_and_predict(
-        self, ciphertexts: Iterator[Buffer], samples: int, timings: dict[str, float]
-    ) -> np.ndarray:
-        """Send one unit's ciphertexts as an upload in parts, as they come; decode its outputs."""
+        self, ciphertexts: Iterator[Buffer], timings: dict[str, float]
+    ) -> list[bytes]:
+        """Send one unit's ciphertexts as an upload in parts, as they come; return the outputs."""
         name, plan, limit = self.card.name, self.plan, self.spec.limits.max_part_bytes
         upload = self._with_context(
             lambda: self.client.create_upload(name, self.context_id, plan=plan)
@@ -508,7 +522,7 @@ class ModelSession:
             with contextlib.suppress(HEClientError):
                 self.client.delete_upload(upload_id)
             raise
-        return self._decode(outputs, samples, timings)
+        return outputs
 
     def _timed_part(
         self, upload_id: str, index: int, part: Sequence[Buffer], timings: dict[str, float]

@@ -7,6 +7,7 @@ from typing import Any
 __all__ = [
     "BadRequestError",
     "ContextNotFoundError",
+    "DaskClusterError",
     "HEClientError",
     "KeysTooLargeError",
     "ModelNotFoundError",
@@ -91,6 +92,13 @@ class ServiceUnavailableError(HEClientError):
 
 class ServerError(HEClientError):
     """5xx: the service failed."""
+
+
+class DaskClusterError(HEClientError):
+    """The Dask cluster that encrypts and decrypts could not be reached, or failed mid-run.
+
+    Groups scored before the failure are kept (``he-client score``'s progress record).
+    """
 
 
 _BY_CODE: dict[str, type[HEClientError]] = {

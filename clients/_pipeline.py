@@ -3,6 +3,9 @@
 SEAL holds the GIL, so threads would not encrypt in parallel: a pool of processes does, each
 loading the secret key once. The main process preprocesses a group, splits its slot vectors
 among the workers, and while they encrypt it sends the group before and decrypts its answer.
+
+Where the encryption and decryption run is a ``_Backend``: this machine's process pool
+(``_Encryptors``), or a Dask cluster (``clients._dask``) whose workers also decrypt the answers.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from collections import deque
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -56,6 +60,35 @@ class ScoredGroup:
     bytes_sent: int
 
 
+class _Chunk(Protocol):
+    """Some of a group's ciphertexts being made: a local ``Future`` or a watched Dask one."""
+
+    def result(self) -> list[bytes]: ...
+
+
+class _Group(Protocol):
+    """A group's ciphertexts being made, wherever they are made."""
+
+    def ciphertexts(self) -> contextlib.AbstractContextManager[Sequence[Buffer]]:
+        """Wait for the ciphertexts, in order; they stay valid until the block ends."""
+
+    def cancel(self) -> None:
+        """Free what the group holds; it will not be sent."""
+
+
+class _Backend(Protocol):
+    """Where a group's slot vectors are encrypted and its output ciphertexts released."""
+
+    def encrypt(self, vectors: np.ndarray) -> _Group:
+        """Start encrypting slot vectors, in order."""
+
+    def release(self, outputs: list[bytes], samples: int, timings: dict[str, float]) -> np.ndarray:
+        """Decrypt a group's output ciphertexts into released outputs (``clients._release``)."""
+
+    def close(self) -> None:
+        """Stop the workers (or free the cluster's copy of the key); pending work is dropped."""
+
+
 def group_rows_for(session: ModelSession) -> int:
     """Return the rows of one group: a batch group's slots, or the samples of one request."""
     spec = session.spec
@@ -71,6 +104,7 @@ def score_groups(
     group_rows: int | None = None,
     workers: int | None = None,
     skip: Collection[int] = (),
+    dask: Any = None,
 ) -> Iterator[ScoredGroup]:
     """Yield the released outputs of ``rows`` group by group, in order, as they arrive.
 
@@ -78,45 +112,84 @@ def score_groups(
         session: the model session whose keys and plan are used.
         rows: raw samples, one per row (any shape with the model's number of values).
         group_rows: rows per group (at most, and by default, ``group_rows_for(session)``).
-        workers: encrypting processes (default: every core; 1 encrypts in this process).
+        workers: encrypting processes (default: every core; 1 encrypts in this process); with
+            ``dask``, the chunks each group is split into (default: the cluster's threads).
         skip: indices of groups not to score (already scored by an earlier run).
+        dask: a Dask scheduler address or a ``distributed.Client``: encrypt and decrypt on
+            that cluster's workers instead of this machine (``clients._dask``).
 
     Raises:
         ValueError: ``group_rows`` or ``workers`` below 1, or ``group_rows`` above one group.
+        DaskClusterError: the cluster cannot be reached, or failed during the run.
     """
     limit = group_rows_for(session)
     size = limit if group_rows is None else group_rows
     if not 1 <= size <= limit:
         raise ValueError(f"group_rows must be between 1 and {limit} for this plan, got {size}")
-    count = os.cpu_count() or 1 if workers is None else workers
-    if count < 1:
-        raise ValueError(f"workers must be at least 1, got {count}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     starts = [s for i, s in enumerate(range(0, len(rows), size)) if i not in skip]
     indices = [s // size for s in starts]
-    with _Encryptors(session, count) as encrypt:
-        queued: deque[tuple[int, int, int, _Pending]] = deque()
-        try:
-            for i, start in zip(indices, starts, strict=True):
-                group = rows[start : start + size]
-                began = time.perf_counter()
-                pending = encrypt(session, group)
-                _add(session.last_timings, "prepare", time.perf_counter() - began)
-                queued.append((i, start, len(group), pending))
-                if len(queued) > _AHEAD:
-                    yield _finish(session, *queued.popleft())
-            while queued:
-                yield _finish(session, *queued.popleft())
-        finally:
-            for *_, pending in queued:
-                pending.cancel()
+    backend = _backend(session, workers, dask)
+    queued: deque[tuple[int, int, int, _Group]] = deque()
+    try:
+        for i, start in zip(indices, starts, strict=True):
+            group = rows[start : start + size]
+            began = time.perf_counter()
+            pending = backend.encrypt(_vectors(session, group))
+            _add(session.last_timings, "prepare", time.perf_counter() - began)
+            queued.append((i, start, len(group), pending))
+            if len(queued) > _AHEAD:
+                yield _finish(session, backend, *queued.popleft())
+        while queued:
+            yield _finish(session, backend, *queued.popleft())
+    finally:
+        for *_, pending in queued:
+            pending.cancel()
+        backend.close()
+
+
+def _backend(session: ModelSession, workers: int | None, dask: Any) -> _Backend:
+    """Start this machine's encrypting processes, or hand the key to a Dask cluster."""
+    if dask is None:
+        return _Encryptors(session, os.cpu_count() or 1 if workers is None else workers)
+    backend: _Backend = _dask_module().DaskBackend(session, dask, chunks=workers)
+    return backend
+
+
+def _dask_module() -> ModuleType:
+    """Import ``clients._dask`` (and so Dask) only for a run that asks for a cluster.
+
+    Raises:
+        DaskClusterError: Dask is not installed.
+    """
+    from clients._errors import DaskClusterError
+
+    try:
+        from clients import _dask
+    except ImportError as exc:
+        if exc.name not in {"dask", "distributed"}:
+            raise
+        raise DaskClusterError(
+            "scoring on a Dask cluster needs the dask extra: pip install 'he-inference[dask]' "
+            "(on this machine and on every worker)"
+        ) from None
+    return _dask
+
+
+def _vectors(session: ModelSession, rows: np.ndarray) -> np.ndarray:
+    """Preprocess and encode ``rows`` into the slot vectors of their units, in order."""
+    prepared = preprocess_rows(rows, session.card.preprocessing, session.card.input_shape)
+    return np.asarray([v for unit in session.spec.input_encoding.units(prepared) for v in unit])
 
 
 def _finish(
     session: ModelSession,
+    backend: _Backend,
     index: int,
     start: int,
     samples: int,
-    pending: _Pending,
+    pending: _Group,
 ) -> ScoredGroup:
     """Wait for a group's ciphertexts, send them, decrypt and release the answer.
 
@@ -126,8 +199,9 @@ def _finish(
     with pending.ciphertexts() as ciphertexts:
         timings = session.last_timings
         _add(timings, "encrypt_wait", time.perf_counter() - waited)
-        released = session._send_group(ciphertexts, samples, timings)
+        outputs = session._send_group(ciphertexts, timings)
         sent = framed_size(len(ciphertexts), sum(map(len, ciphertexts)))
+    released = backend.release(outputs, samples, timings)
     return ScoredGroup(index, start, flagged_outputs(released, session.card, stacklevel=4), sent)
 
 
@@ -135,28 +209,39 @@ def _add(timings: dict[str, float], stage: str, seconds: float) -> None:
     timings[stage] = timings.get(stage, 0.0) + seconds
 
 
-class _Pending:
-    """A group being encrypted: in this process, or by the pool into a shared scratch file.
+def _chunks(vectors: np.ndarray, count: int) -> list[np.ndarray]:
+    """Split slot vectors into at most ``count`` runs of nearly equal length, in order."""
+    size = math.ceil(len(vectors) / count)
+    return [vectors[i : i + size] for i in range(0, len(vectors), size)]
+
+
+class _Results:
+    """A group made in chunks that each return their ciphertexts (Dask, or this process)."""
+
+    def __init__(self, chunks: list[_Chunk]) -> None:
+        self._chunks = chunks
+
+    @contextlib.contextmanager
+    def ciphertexts(self) -> Iterator[Sequence[Buffer]]:
+        yield [ct for chunk in self._chunks for ct in chunk.result()]
+
+    def cancel(self) -> None:
+        """Nothing to free: the backend drops pending chunks when it closes."""
+
+
+class _Shared:
+    """A group the local pool encrypts into a shared scratch file.
 
     Pool workers write their ciphertexts into the file at fixed offsets and return only the
     lengths; this process maps the file and sends slices of it. Pickling the ciphertexts back
     through pipes instead cost as much CPU as encrypting them (200 MB per MNIST group).
     """
 
-    def __init__(
-        self,
-        futures: list[Future[list[int]]] | None = None,
-        scratch: _Scratch | None = None,
-        ready: list[bytes] | None = None,
-    ) -> None:
-        self._futures, self._scratch, self._ready = futures or [], scratch, ready
+    def __init__(self, futures: list[Future[list[int]]], scratch: _Scratch) -> None:
+        self._futures, self._scratch = futures, scratch
 
     @contextlib.contextmanager
     def ciphertexts(self) -> Iterator[Sequence[Buffer]]:
-        """Wait for the ciphertexts; they stay valid until the block ends."""
-        if self._scratch is None:
-            yield self._ready or []
-            return
         with self._scratch as scratch:
             lengths = [n for future in self._futures for n in future.result()]
             slices = scratch.slices(lengths)
@@ -169,8 +254,7 @@ class _Pending:
     def cancel(self) -> None:
         for future in self._futures:
             future.cancel()
-        if self._scratch is not None:
-            self._scratch.close()
+        self._scratch.close()
 
 
 class _Scratch:
@@ -252,9 +336,10 @@ def _alive(pid: int) -> bool:
 
 
 class _Encryptors:
-    """Encrypt a group's slot vectors in a process pool (or here, with one worker)."""
+    """The local backend: encrypt in a process pool (or here, with one worker), decrypt here."""
 
     def __init__(self, session: ModelSession, workers: int) -> None:
+        self._session = session
         self._workers = workers
         self._pool: ProcessPoolExecutor | None = None
         self._slot = session.keys.params.ciphertext_bytes(seeded=True)
@@ -270,34 +355,31 @@ class _Encryptors:
         else:
             _load_key(session.keys.params, save_seal(session.keys.secret_key))
 
-    def __enter__(self) -> _Encryptors:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
+    def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __call__(self, session: ModelSession, rows: np.ndarray) -> _Pending:
-        """Preprocess and encode ``rows``; start encrypting their vectors, in order."""
-        prepared = preprocess_rows(rows, session.card.preprocessing, session.card.input_shape)
-        vectors = np.asarray(
-            [v for unit in session.spec.input_encoding.units(prepared) for v in unit]
-        )
+    def encrypt(self, vectors: np.ndarray) -> _Group:
+        """Start encrypting ``vectors``, in order, one chunk per worker."""
         if self._pool is None:
-            return _Pending(ready=_encrypt(vectors))
+            done: Future[list[bytes]] = Future()
+            done.set_result(_encrypt(vectors))
+            return _Results([done])
         scratch = _Scratch(len(vectors), self._slot)
-        chunk = math.ceil(len(vectors) / self._workers)
         try:
-            futures = [
-                self._pool.submit(
-                    _encrypt_into, vectors[i : i + chunk], scratch.path, i, self._slot
+            futures, first = [], 0
+            for chunk in _chunks(vectors, self._workers):
+                futures.append(
+                    self._pool.submit(_encrypt_into, chunk, scratch.path, first, self._slot)
                 )
-                for i in range(0, len(vectors), chunk)
-            ]
+                first += len(chunk)
         except BaseException:
             scratch.close()
             raise
-        return _Pending(futures, scratch)
+        return _Shared(futures, scratch)
+
+    def release(self, outputs: list[bytes], samples: int, timings: dict[str, float]) -> np.ndarray:
+        return self._session._decode(outputs, samples, timings)
 
 
 # The worker's encryption objects, made once per process by ``_load_key``.

@@ -25,8 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from clients._client import HEClient
+from clients._errors import DaskClusterError
 from clients._outputs import OutOfRangeWarning, Outputs
-from clients._pipeline import group_rows_for
+from clients._pipeline import _dask_module, group_rows_for
 from clients._readers import InputFileError, InputFormat, Table, read_table, write_results
 from he_service.protocol import PlanKind, Task
 
@@ -88,22 +89,50 @@ def add_parser(commands: Any) -> None:
     score.add_argument("--outputs", action="store_true", help="also write the released outputs")
     score.add_argument("--workers", type=int, help="encrypting processes (default: every core)")
     score.add_argument("--group-rows", type=int, help="rows per group (default: a whole group)")
+    score.add_argument(
+        "--dask",
+        metavar="SCHEDULER",
+        help="encrypt and decrypt on this Dask cluster (tcp://HOST:8786 or tls://HOST:8786; "
+        "it receives the secret key: use only your own); --workers is then chunks per group",
+    )
 
 
 def run(client: HEClient, args: argparse.Namespace) -> int:
-    """Run ``he-client score`` and print its summary."""
-    summary = score_file(
-        client,
-        args.input,
-        args.output,
-        model=args.model,
-        plan=args.plan,
-        keys=args.keys,
-        with_outputs=args.outputs,
-        workers=args.workers,
-        group_rows=args.group_rows,
-        progress=True,
-    )
+    """Run ``he-client score`` and print its summary.
+
+    A Dask cluster that cannot be used exits with 2 before any key is made or row is read.
+    """
+    cluster = None
+    if args.dask:
+        try:
+            dask = _dask_module()
+            cluster = dask.connect(args.dask)
+        except DaskClusterError as exc:
+            print(f"he-client: {exc}", file=sys.stderr)
+            return 2
+        if dask.plain_remote(args.dask):
+            print(
+                f"he-client: warning: {args.dask} is not encrypted and the secret key goes to "
+                "the cluster: use tls:// for a cluster beyond this machine",
+                file=sys.stderr,
+            )
+    try:
+        summary = score_file(
+            client,
+            args.input,
+            args.output,
+            model=args.model,
+            plan=args.plan,
+            keys=args.keys,
+            with_outputs=args.outputs,
+            workers=args.workers,
+            group_rows=args.group_rows,
+            progress=True,
+            dask=cluster,
+        )
+    finally:
+        if cluster is not None:
+            cluster.close()
     print("\n".join(summary.lines()))
     return 0
 
@@ -120,6 +149,7 @@ def score_file(
     workers: int | None = None,
     group_rows: int | None = None,
     progress: bool = False,
+    dask: Any = None,
 ) -> ScoreSummary:
     """Score every row of ``source`` and write it with its class to ``output``.
 
@@ -132,12 +162,33 @@ def score_file(
         with_outputs: write the released outputs beside the class.
         workers, group_rows: as ``ModelSession.score_iter``.
         progress: show a progress bar on standard error.
+        dask: a Dask scheduler address or ``distributed.Client``: encrypt and decrypt on that
+            cluster (an address is connected to before any key is made).
 
     Raises:
         InputFileError: the input does not fit the model (raised before any encryption), the
             output's suffix is not the input's format, or a record of an earlier run was made
             for another input.
+        DaskClusterError: the cluster cannot be reached, or failed (scored groups are kept).
     """
+    if isinstance(dask, str):
+        cluster = _dask_module().connect(dask)
+        try:
+            return score_file(
+                client,
+                source,
+                output,
+                model=model,
+                plan=plan,
+                keys=keys,
+                with_outputs=with_outputs,
+                workers=workers,
+                group_rows=group_rows,
+                progress=progress,
+                dask=cluster,
+            )
+        finally:
+            cluster.close()
     card = client.card(model)
     spec = card.plan(plan)
     table = read_table(source, card.input_shape)
@@ -163,7 +214,7 @@ def score_file(
         warnings.simplefilter("ignore", OutOfRangeWarning)  # counted in the summary instead
         bar.update(sum(record.rows_of(i) for i in done))
         groups = session.score_iter(
-            table.values, group_rows=record.group_rows, workers=workers, skip=done
+            table.values, group_rows=record.group_rows, workers=workers, skip=done, dask=dask
         )
         for group in groups:
             record.add(group.index, group.outputs)

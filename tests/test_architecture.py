@@ -25,8 +25,9 @@ import {module}
 @pytest.mark.parametrize(
     ("module", "blocked"),
     [
-        ("clients", {"flask", "torch", "werkzeug", "waitress"}),
-        ("clients.cli", {"flask", "torch", "werkzeug", "waitress"}),
+        # Dask is optional: imported only when a run asks for a cluster (--dask).
+        ("clients", {"flask", "torch", "werkzeug", "waitress", "dask", "distributed"}),
+        ("clients.cli", {"flask", "torch", "werkzeug", "waitress", "dask", "distributed"}),
         ("he_service.protocol", {"flask", "torch", "httpx"}),
         ("he_service.app", {"torch", "opacus"}),
         ("he_service.cli", {"torch", "opacus"}),
@@ -57,6 +58,7 @@ def test_public_apis_are_pinned() -> None:
             "AuthenticationError",
             "BadRequestError",
             "ContextNotFoundError",
+            "DaskClusterError",
             "HEClient",
             "HEClientError",
             "KeySet",
