@@ -66,6 +66,8 @@ NO_BODY_BYTES = 16 << 10
 # headers alone, leaving its body unread: "too_large" or "unauthenticated".
 REFUSED_BODY = "he_service.refused_body"
 # Each route that reads a body, and its limit (the one its handler passes to _read_body).
+# A v2 body's parse holds up to this many times its size (body, JSON strings, decoded bytes).
+V2_PARSE_PEAK = 3
 _BODY_LIMITS: dict[str, Any] = {
     "upload_context": lambda config, plan: config.max_context_bytes,
     "predict": lambda config, plan: config.max_body_bytes(plan),
@@ -521,12 +523,16 @@ def _register_v2_routes(app: Flask) -> None:
     def v2_infer(name: str) -> Response:
         model = _service().registry.model(name)
         limit = _BODY_LIMITS["v2_infer"](_service().config, None)
-        body = _read_body(limit, "request body")
-        infer = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
-        plan = model.plan(infer.plan)
-        if len(body) > plan.max_request_bytes:
-            raise PayloadTooLarge(f"a {plan.kind.value} request body", plan.max_request_bytes)
-        del body
+        declared = min(request.content_length or limit, limit)
+        # Parsing holds the body, the JSON document's strings and the decoded ciphertexts at
+        # once: that peak comes out of the memory budget too, before the body is read.
+        with _service().budget.reserve(V2_PARSE_PEAK * declared, "this request"):
+            body = _read_body(limit, "request body")
+            infer = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+            plan = model.plan(infer.plan)
+            if len(body) > plan.max_request_bytes:
+                raise PayloadTooLarge(f"a {plan.kind.value} request body", plan.max_request_bytes)
+            del body
         context_id = _context_id(infer.context_id)
         keys = _keys(plan, context_id)
         count = len(infer.ciphertexts)

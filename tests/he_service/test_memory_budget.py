@@ -3,6 +3,8 @@ out-of-memory inside SEAL is a 503 and the worker answers the next request."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import signal
@@ -20,11 +22,12 @@ from flask import Flask
 
 from clients import HEClient, ModelSession
 from he_service import create_app
+from he_service.app import V2_PARSE_PEAK
 from he_service.artifacts import load_artifact
 from he_service.config import DEFAULT_MODELS_DIR
 from he_service.engine import compile_model
 from he_service.memory import MemoryBudget, MemoryBusy, MemoryLimitExceeded
-from he_service.protocol import CkksParams, KeyBundle, encode_key_bundle
+from he_service.protocol import CkksParams, KeyBundle, encode_key_bundle, preprocess
 from he_service.serving import resident_bytes
 
 MODEL = "breast-cancer-mlp"
@@ -210,3 +213,38 @@ def test_out_of_memory_inside_seal_is_503_and_the_worker_stops_instead_of_spinni
     assert lines["big"].split() == ["503", "5"], done.stdout
     assert "ran out of memory" in lines["message"] and "restarts" in lines["message"]
     assert lines["health"] == "200"
+
+
+def test_a_v2_body_is_charged_for_its_parse_before_it_is_read(models: Path, resident: int) -> None:
+    app = create_app({"models_dir": models, "memory_budget_bytes": resident + (512 << 20)})
+    service = app.extensions["he_service"]
+    for _, session in _session(app):
+        x = np.zeros((1, *session.card.input_shape))
+        expected = session.predict_many(x)
+        body = _v2_json_body(session, x)
+        # Room for the evaluation, not for the parse's peak: refused before the body is read.
+        with service.budget.reserve(
+            service.budget.free - V2_PARSE_PEAK * len(body) + 1, "other requests"
+        ):
+            busy = _v2_infer(app, body)
+            assert busy.status_code == 503 and int(busy.headers["Retry-After"]) >= 1
+            assert isinstance(busy.json()["error"], str)  # the v2 error format
+        assert service.budget.in_use == resident
+        served = _v2_infer(app, body)
+        assert served.status_code == 200, served.text[:200]
+        assert service.budget.in_use == resident
+        assert np.allclose(session.predict_many(x), expected, atol=1e-2)
+
+
+def _v2_json_body(session: ModelSession, x: np.ndarray) -> bytes:
+    sample = preprocess(x[0], session.card.preprocessing, session.card.input_shape)
+    (vectors,) = session.spec.input_encoding.units(sample[None])
+    elements = [base64.b64encode(session.keys.encrypt(v)).decode() for v in vectors]
+    tensor = {"name": "ciphertexts", "datatype": "BYTES", "shape": [len(elements)]}
+    parameters = {"context_id": session.context_id, "plan": "batch"}
+    return json.dumps({"inputs": [{**tensor, "data": elements}], "parameters": parameters}).encode()
+
+
+def _v2_infer(app: Flask, body: bytes) -> httpx.Response:
+    with httpx.Client(transport=httpx.WSGITransport(app=app)) as http:
+        return http.post(f"http://testserver/v2/models/{MODEL}/infer", content=body)
