@@ -9,7 +9,7 @@ Starts ``he-service serve`` (shipped models) on loopback and, against it:
    groups that were not recorded (counted from the server's metrics);
 3. checks both outputs' classes against the plaintext polynomial network.
 
-    python benchmarks/score_file.py [--rows 20000] [--port 8831]
+    python -m benchmarks.score_file [--rows 20000]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from he_service.artifacts import load_artifact
 from he_service.config import DEFAULT_MODELS_DIR
 from he_service.engine import forward_plain
 from he_service.protocol import preprocess_rows
+from tests.load_client import start_server
 
 MODEL = "mnist-cnn"
 GROUP = 4096  # mnist-cnn's batch plan: one sample per slot at N=8192
@@ -48,23 +49,16 @@ _PREDICTS = re.compile(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rows", type=int, default=20_000)
-    parser.add_argument("--port", type=int, default=8831)
     args = parser.parse_args()
-    url = f"http://127.0.0.1:{args.port}"
     with tempfile.TemporaryDirectory(prefix="score-file-") as folder:
         work = Path(folder)
         rows = _mnist_rows(args.rows)
         source = work / "rows.csv"
         np.savetxt(source, rows, fmt="%d", delimiter=",")
         expected = _plain_classes(rows)
-        server = subprocess.Popen(
-            [sys.executable, "-m", "he_service.cli", "serve", "--port", str(args.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=(work / "server.log").open("w"),
-        )
+        server = start_server(work, workers=None, models=(MODEL,))
         try:
-            _wait_ready(url, server)
-            whole = _score(url, source, work / "whole.csv")
+            whole = _score(server.url, source, work / "whole.csv")
             per_row = whole["seconds"] / args.rows * 1000
             print(
                 f"one run: {whole['seconds']:.1f} s for {args.rows} rows, {per_row:.3f} ms per row"
@@ -74,10 +68,9 @@ def main() -> int:
                 "  agreement with the plaintext network: "
                 + _agreement(work / "whole.csv", expected)
             )
-            _killed_and_resumed(url, source, work / "resumed.csv", args.rows, expected)
+            _killed_and_resumed(server.url, source, work / "resumed.csv", args.rows, expected)
         finally:
-            server.terminate()
-            server.wait(timeout=60)
+            server.stop()
     return 0
 
 
@@ -95,20 +88,6 @@ def _plain_classes(rows: np.ndarray) -> np.ndarray:
     plain = np.stack([forward_plain(artifact, x) for x in prepared])
     labels = np.array(artifact.labels)
     return np.asarray(labels[plain.argmax(axis=1)][inverse.ravel()])
-
-
-def _wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"he-service serve exited with {server.returncode}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("he-service serve was not ready within 300 s")
 
 
 def _command(url: str, source: Path, output: Path) -> list[str]:

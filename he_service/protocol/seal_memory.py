@@ -24,7 +24,14 @@ import zstandard
 from he_service.protocol.params import CkksParams, seal_context
 from he_service.protocol.seal_io import save_seal
 
-__all__ = ["CT_WORDS", "object_words", "save_seeded", "seeded_layout_ok"]
+__all__ = [
+    "CT_WORDS",
+    "object_words",
+    "sample_encryption",
+    "save_seeded",
+    "seal_payload",
+    "seeded_layout_ok",
+]
 
 # A pybind11 instance is PyObject_HEAD (2 words) then the pointer to the C++ object. A SEAL 4
 # Ciphertext is parms_id (4 words), is_ntt_form, size, poly_modulus_degree, coeff_modulus_size,
@@ -98,19 +105,30 @@ def _seeded_bytes(ct: object, version: tuple[int, int]) -> bytes | None:
 def seeded_layout_ok() -> tuple[int, int] | None:
     """Return SEAL's (major, minor) version if ``save_seeded`` writes exactly SEAL's bytes."""
     try:
-        params = CkksParams(4096, (30, 30, 40), 25)
-        context = seal_context(params)
-        keygen = seal.KeyGenerator(context)
-        plain = seal.Plaintext()
-        encoder = seal.CKKSEncoder(context)
-        encoder.encode(np.linspace(-1.0, 1.0, params.slot_count).tolist(), params.scale, plain)
-        ct = seal.Encryptor(context, keygen.secret_key()).encrypt_symmetric(plain)
+        _, encryptor, plain = sample_encryption()
+        ct = encryptor.encrypt_symmetric(plain)
         data = save_seal(ct)
-        _, _, major, minor, compression, _, _ = _HEADER.unpack_from(data)
-        payload = data[_HEADER.size :]
-        if compression == 2:  # zstd, as SEAL saves by default
-            payload = zstandard.ZstdDecompressor().decompress(payload, 1 << 22)
+        _, _, major, minor, _, _, _ = _HEADER.unpack_from(data)
         ours = _seeded_bytes(ct, (major, minor))
-        return (major, minor) if ours is not None and ours[_HEADER.size :] == payload else None
+        matches = ours is not None and ours[_HEADER.size :] == seal_payload(data)
+        return (major, minor) if matches else None
     except Exception:  # any mismatch means: do not touch SEAL memory
         return None
+
+
+def sample_encryption() -> tuple[seal.SEALContext, seal.Encryptor, seal.Plaintext]:
+    """Return a small ring's context, an encryptor and a plaintext: what layout checks use."""
+    params = CkksParams(4096, (30, 30, 40), 25)
+    context = seal_context(params)
+    plain = seal.Plaintext()
+    encoder = seal.CKKSEncoder(context)
+    encoder.encode(np.linspace(-1.0, 1.0, params.slot_count).tolist(), params.scale, plain)
+    return context, seal.Encryptor(context, seal.KeyGenerator(context).secret_key()), plain
+
+
+def seal_payload(data: bytes) -> bytes:
+    """Return what follows a SEAL object's 16-byte header, inflated if SEAL compressed it."""
+    payload = data[_HEADER.size :]
+    if data[5] == 2:  # zstd, as SEAL saves by default
+        payload = zstandard.ZstdDecompressor().decompress(payload, 1 << 24)
+    return payload

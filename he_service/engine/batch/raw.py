@@ -13,8 +13,8 @@ import functools
 import numpy as np
 import tenseal.sealapi as seal
 
-from he_service.protocol.params import CkksParams, seal_context
-from he_service.protocol.seal_memory import object_words
+from he_service.protocol.seal_io import save_seal
+from he_service.protocol.seal_memory import object_words, sample_encryption, seal_payload
 
 __all__ = ["RawAccessError", "raw_access_available", "raw_view"]
 
@@ -59,26 +59,12 @@ def raw_view(ct: seal.Ciphertext) -> np.ndarray:
 def raw_access_available() -> bool:
     """Check once per process that ``raw_view`` reads exactly what SEAL serializes."""
     try:
-        import zstandard
-
-        from he_service.protocol.seal_io import save_seal
-
-        params = CkksParams(4096, (30, 30, 40), 25)
-        context = seal_context(params)
-        keygen = seal.KeyGenerator(context)
-        plain = seal.Plaintext()
-        encoder = seal.CKKSEncoder(context)
-        encoder.encode(np.linspace(-1.0, 1.0, params.slot_count).tolist(), params.scale, plain)
+        context, encryptor, plain = sample_encryption()
         ct = seal.Ciphertext()
-        seal.Encryptor(context, keygen.secret_key()).encrypt_symmetric(plain, ct)
+        encryptor.encrypt_symmetric(plain, ct)
         seal.Evaluator(context).square_inplace(ct)  # size 3, data written by SEAL itself
         view = raw_view(ct)
-        data = save_seal(ct)
-        header, compression = 16, data[5]  # SEAL header: magic, size, version, compression
-        if compression == 2:  # zstd, as SEAL saves by default
-            payload = zstandard.ZstdDecompressor().decompress(data[header:], 1 << 22)
-        else:
-            payload = data[header:]
+        payload = seal_payload(save_seal(ct))
         return bool(payload[-view.nbytes :] == view.tobytes()) and view.shape == (3, 2, 4096)
     except Exception:  # any mismatch means: do not touch SEAL memory
         return False
