@@ -9,7 +9,7 @@ Starts ``he-service serve`` (shipped models) on loopback and, against it:
    groups that were not recorded (counted from the server's metrics);
 3. checks both outputs' classes against the plaintext polynomial network.
 
-    python -m benchmarks.score_file [--rows 20000]
+    python benchmarks/score_file.py [--rows 20000]
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ from he_service.artifacts import load_artifact
 from he_service.config import DEFAULT_MODELS_DIR
 from he_service.engine import forward_plain
 from he_service.protocol import preprocess_rows
-from tests.load_client import start_server
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # run as a script: the tests' server starter is in the repo
+    sys.path.insert(0, str(_ROOT))
+from tests.load_client import start_server  # noqa: E402
 
 MODEL = "mnist-cnn"
 GROUP = 4096  # mnist-cnn's batch plan: one sample per slot at N=8192
