@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -13,12 +13,19 @@ import numpy as np
 
 from he_service.artifacts import load_artifact
 from he_service.engine import compile_plan
-from models.conversion import ConvertedNetwork
+from models.conversion import ConversionReport, ConvertedNetwork
 from models.datasets import Split
 from models.evaluation import measure_encrypted
-from models.export import export_artifact
-from models.privacy import PrivacyBudget
-from models.training import deterministic_torch, preprocess_batch
+from models.export import export_artifact, torch_release
+from models.packaging import converted_manifest
+from models.privacy import PrivacyBudget, PrivateTraining
+from models.training import (
+    MNIST_MEAN,
+    MNIST_STD,
+    PIXEL_SCALE,
+    deterministic_torch,
+    preprocess_batch,
+)
 
 __all__ = [
     "RECIPE_PRIVACY",
@@ -27,7 +34,11 @@ __all__ = [
     "TrainedModel",
     "command",
     "measured",
+    "mnist_constants",
+    "package",
+    "standardisation",
     "train_and_measure",
+    "training_record",
 ]
 
 
@@ -75,6 +86,106 @@ def command(name: str, seed: int, split_seed: int, privacy: PrivacyBudget | None
         if privacy.noise_seed is not None:
             parts += ["--dp-noise-seed", str(privacy.noise_seed)]
     return " ".join(parts)
+
+
+class _Described(Protocol):
+    """What packaging a trained network needs to know of its recipe."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def split_description(self) -> str: ...
+
+
+def training_record(
+    recipe: _Described, split: Split, seed: int, split_seed: int, **run: Any
+) -> dict[str, Any]:
+    """Return the manifest's ``training`` section as every recipe starts it, plus ``run``."""
+    return {
+        "dataset": recipe.dataset,
+        "split": recipe.split_description,
+        "split_seed": split_seed,
+        "seed": seed,
+        "n_train": split.n_train,
+        "n_test": split.n_test,
+        **run,
+    }
+
+
+def package(
+    recipe: _Described,
+    network: ConvertedNetwork,
+    *,
+    seed: int,
+    split_seed: int,
+    privacy: Privacy,
+    budget: PrivacyBudget | None,
+    session: PrivateTraining | None,
+    outside_guarantee: Sequence[str],
+    preprocessing: dict[str, Any],
+    report: ConversionReport,
+    output_bound: dict[str, Any],
+    training: dict[str, Any],
+    key_budget_bytes: int | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any] | None]:
+    """Build a trained network's manifest and arrays, and its privacy section (if DP-SGD ran).
+
+    Args:
+        recipe: the recipe that trained it.
+        network: the polynomial network.
+        seed, split_seed: the run's seeds.
+        privacy: what the caller asked for (the recipe's default is not repeated in the
+            provenance command).
+        budget: the budget the run used, or None.
+        session: the run's DP-SGD accounting, or None.
+        outside_guarantee: what touched data outside DP-SGD, and why that is not private.
+        preprocessing, report, output_bound, training, key_budget_bytes: the manifest's.
+    """
+    section = None
+    if session is not None:
+        section = session.section(
+            dataset=f"{recipe.dataset}, training split ({recipe.split_description})",
+            outside_guarantee=outside_guarantee,
+        )
+    named = None if privacy is RECIPE_PRIVACY else budget
+    manifest, arrays = converted_manifest(
+        network,
+        recipe.name,
+        labels=recipe.labels,
+        preprocessing=preprocessing,
+        description=recipe.description,
+        report=report,
+        output_bound=output_bound,
+        training=training,
+        provenance={
+            "command": command(recipe.name, seed, split_seed, named),
+            "torch": torch_release(),
+        },
+        key_budget_bytes=key_budget_bytes,
+        privacy=section,
+    )
+    return manifest, arrays, section
+
+
+def standardisation(records: np.ndarray) -> dict[str, Any]:
+    """Return per-feature standardisation (the client applies it) with ``records``' statistics."""
+    features = np.asarray(records, dtype=np.float64)
+    return {
+        "scale": 1.0,
+        "mean": [float(v) for v in features.mean(axis=0)],
+        "std": [float(v) for v in features.std(axis=0)],
+    }
+
+
+def mnist_constants(_: np.ndarray) -> dict[str, Any]:
+    """Return MNIST's customary constants: public, computed from no record of the split."""
+    return {"scale": PIXEL_SCALE, "mean": list(MNIST_MEAN), "std": list(MNIST_STD)}
 
 
 def measured(

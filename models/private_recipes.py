@@ -25,8 +25,11 @@ from models._recipe_common import (
     Privacy,
     RecipePrivacy,
     TrainedModel,
-    command,
+    mnist_constants,
+    package,
+    standardisation,
     train_and_measure,
+    training_record,
 )
 from models.architectures import BreastCancerDPMLP, MnistDPCNN
 from models.conversion import convert
@@ -38,13 +41,9 @@ from models.datasets import (
     load_digits_as_mnist,
     load_mnist_split,
 )
-from models.export import torch_release
-from models.packaging import check_output_bound, converted_manifest
+from models.packaging import check_output_bound
 from models.privacy import PrivacyBudget, PrivatePhase, PrivateTraining, train_without_noise
 from models.training import (
-    MNIST_MEAN,
-    MNIST_STD,
-    PIXEL_SCALE,
     TrainConfig,
     classifier_accuracy,
     deterministic_torch,
@@ -109,17 +108,15 @@ class _Private:
         y_test = np.asarray(split.y_test)
         inputs = torch.tensor(x_train, dtype=torch.float32)
         labels = torch.tensor(np.asarray(split.y_train), dtype=torch.int64)
-        training: dict[str, Any] = {
-            "dataset": self.dataset,
-            "split": self.split_description,
-            "split_seed": split_seed,
-            "seed": seed,
-            "n_train": split.n_train,
-            "n_test": split.n_test,
-            "epochs": self.phase.epochs,
-            "batch_size": self.batch_size,
-            "optimizer": self.phase.description(),
-        }
+        training = training_record(
+            self,
+            split,
+            seed,
+            split_seed,
+            epochs=self.phase.epochs,
+            batch_size=self.batch_size,
+            optimizer=self.phase.description(),
+        )
         outside = [_HELD_OUT_USES]
         # The noise is planned first: a budget no noise can meet fails before any training.
         session = None
@@ -168,32 +165,23 @@ class _Private:
                 "max_abs_output": bound["max_abs_output"],
             }
         )
-        section = None
-        if session is not None:
-            section = session.section(
-                dataset=f"{self.dataset}, training split ({self.split_description})",
-                outside_guarantee=outside,
-            )
-        else:
+        if session is None:
             training["differential_privacy"] = (
                 "none: DP-SGD's steps with noise multiplier 0 (sampling and clipping kept)"
             )
-        manifest, arrays = converted_manifest(
+        manifest, arrays, section = package(
+            self,
             network,
-            self.name,
-            labels=self.labels,
+            seed=seed,
+            split_seed=split_seed,
+            privacy=privacy,
+            budget=budget,
+            session=session,
+            outside_guarantee=outside,
             preprocessing=prep,
-            description=self.description,
             report=report,
             output_bound=bound,
             training=training,
-            provenance={
-                "command": command(
-                    self.name, seed, split_seed, None if privacy is RECIPE_PRIVACY else budget
-                ),
-                "torch": torch_release(),
-            },
-            privacy=section,
         )
         summary = {
             "original_accuracy": accuracy,
@@ -220,21 +208,6 @@ _HELD_OUT_USES = (
 )
 
 
-def _held_out_standardisation(records: np.ndarray) -> dict[str, Any]:
-    # Per-feature standardisation with held-out statistics: the training records are private.
-    features = np.asarray(records, dtype=np.float64)
-    return {
-        "scale": 1.0,
-        "mean": [float(v) for v in features.mean(axis=0)],
-        "std": [float(v) for v in features.std(axis=0)],
-    }
-
-
-def _mnist_constants(_: np.ndarray) -> dict[str, Any]:
-    # MNIST's customary constants: public, computed from no record of this split.
-    return {"scale": PIXEL_SCALE, "mean": list(MNIST_MEAN), "std": list(MNIST_STD)}
-
-
 BREAST_CANCER_DP = _Private(
     name="breast-cancer-mlp-dp",
     description=(
@@ -247,7 +220,8 @@ BREAST_CANCER_DP = _Private(
     input_shape=(30,),
     labels=("malignant", "benign"),
     make_model=BreastCancerDPMLP,
-    preprocessing=_held_out_standardisation,
+    # Per-feature standardisation with held-out statistics: the training records are private.
+    preprocessing=standardisation,
     # A large batch (sampling rate 1/4) and few epochs: DP-SGD's noise per step shrinks with
     # the batch, and every extra step costs budget.
     batch_size=128,
@@ -268,7 +242,7 @@ MNIST_DP = _Private(
     input_shape=(1, 28, 28),
     labels=tuple(str(digit) for digit in range(10)),
     make_model=MnistDPCNN,
-    preprocessing=_mnist_constants,
+    preprocessing=mnist_constants,
     # Epsilon 0.5 is the smallest budget of the README's sweep that stays above 80% (0.25
     # gives 77%). Sampling rate 1/8 and 8 epochs (64 steps): at this budget fewer, less noisy
     # steps beat 15 (85%-89% against 78%-82% over three noise seeds). What the public

@@ -34,8 +34,11 @@ from models._recipe_common import (
     Privacy,
     RecipePrivacy,
     TrainedModel,
-    command,
+    mnist_constants,
+    package,
+    standardisation,
     train_and_measure,
+    training_record,
 )
 from models.architectures import BreastCancerMLP, DigitsCNN, DigitsResNet, LeNet5, MnistReluCNN
 from models.conversion import convert
@@ -48,16 +51,13 @@ from models.datasets import (
     load_digits_split,
     load_mnist_split,
 )
-from models.export import export_artifact, torch_release
+from models.export import export_artifact
 from models.finetune import FineTuneConfig, fine_tune
 from models.group_norm import lower_group_norms
-from models.packaging import check_output_bound, converted_manifest
+from models.packaging import check_output_bound
 from models.privacy import PrivacyBudget, PrivatePhase, PrivateTraining, private_network
 from models.private_recipes import BREAST_CANCER_DP, MNIST_DP
 from models.training import (
-    MNIST_MEAN,
-    MNIST_STD,
-    PIXEL_SCALE,
     TrainConfig,
     Trainer,
     classifier_accuracy,
@@ -228,51 +228,41 @@ class _Converted:
                 tuned, x_public if budget is not None else np.concatenate([x_train, x_test])
             )
         train_seconds = time.perf_counter() - started
-        training: dict[str, Any] = {
-            "dataset": self.dataset,
-            "split": self.split_description,
-            "split_seed": split_seed,
-            "seed": seed,
-            "n_train": split.n_train,
-            "n_test": split.n_test,
-            "epochs": self.train_config.epochs,
-            "batch_size": self.train_config.batch_size,
-            "optimizer": self.train_config.optimizer_description(),
-            "original": f"{type(model).__name__} with ReLU, before conversion",
-            "original_accuracy": original,
-            "converted_accuracy_before_fine_tuning": converted,
-            "fine_tuning": fine_config.to_json(),
-            "poly_accuracy": poly,
-            "accuracy_drop": original - poly,
-            "max_abs_output": bound["max_abs_output"],
-        }
-        privacy_section = None
+        training = training_record(
+            self,
+            split,
+            seed,
+            split_seed,
+            epochs=self.train_config.epochs,
+            batch_size=self.train_config.batch_size,
+            optimizer=self.train_config.optimizer_description(),
+            original=f"{type(model).__name__} with ReLU, before conversion",
+            original_accuracy=original,
+            converted_accuracy_before_fine_tuning=converted,
+            fine_tuning=fine_config.to_json(),
+            poly_accuracy=poly,
+            accuracy_drop=original - poly,
+            max_abs_output=bound["max_abs_output"],
+        )
         if session is not None:
             training["original"] += (
                 ", trained with DP-SGD (any BatchNorm as GroupNorm, lowered afterwards to a "
                 "fixed affine map with held-out statistics)"
             )
-            privacy_section = session.section(
-                dataset=f"{self.dataset}, training split ({self.split_description})",
-                outside_guarantee=_HELD_OUT_USES,
-            )
-        manifest, arrays = converted_manifest(
+        manifest, arrays, _ = package(
+            self,
             tuned,
-            self.name,
-            labels=self.labels,
+            seed=seed,
+            split_seed=split_seed,
+            privacy=privacy,
+            budget=budget,
+            session=session,
+            outside_guarantee=_HELD_OUT_USES,
             preprocessing=prep,
-            description=self.description,
             report=report,
             output_bound=bound,
             training=training,
-            provenance={
-                "command": command(
-                    self.name, seed, split_seed, None if privacy is RECIPE_PRIVACY else budget
-                ),
-                "torch": torch_release(),
-            },
             key_budget_bytes=self.key_budget_bytes,
-            privacy=privacy_section,
         )
         summary = {
             "original_accuracy": original,
@@ -302,24 +292,10 @@ def _phase(name: str, config: TrainConfig | FineTuneConfig) -> PrivatePhase:
     return PrivatePhase(name, config.epochs, config.lr, weight_decay=config.weight_decay)
 
 
-def _mnist_preprocessing(_: np.ndarray) -> dict[str, Any]:
-    return {"scale": PIXEL_SCALE, "mean": list(MNIST_MEAN), "std": list(MNIST_STD)}
-
-
 def _digits_preprocessing(records: np.ndarray) -> dict[str, Any]:
     # One channel: standardise with the pixels' mean and std (after scaling to 0..1).
     pixels = np.asarray(records, dtype=np.float64) / 16.0
     return {"scale": 1.0 / 16.0, "mean": [float(pixels.mean())], "std": [float(pixels.std())]}
-
-
-def _breast_cancer_preprocessing(records: np.ndarray) -> dict[str, Any]:
-    # Per-feature standardisation, applied by the client.
-    features = np.asarray(records, dtype=np.float64)
-    return {
-        "scale": 1.0,
-        "mean": [float(v) for v in features.mean(axis=0)],
-        "std": [float(v) for v in features.std(axis=0)],
-    }
 
 
 MNIST_CNN_DESCRIPTION = (
@@ -354,7 +330,7 @@ _MNIST = _Converted(
     input_shape=(1, 28, 28),
     labels=tuple(str(digit) for digit in range(10)),
     make_model=MnistReluCNN,
-    preprocessing=_mnist_preprocessing,
+    preprocessing=mnist_constants,
     train_config=TrainConfig(epochs=30, batch_size=64, lr=1e-3),
     fine_tune_config=FineTuneConfig(epochs=5, batch_size=64, lr=1e-3),
     encrypted_samples=200,
@@ -382,7 +358,7 @@ _BREAST_CANCER = _Converted(
     input_shape=(30,),
     labels=("malignant", "benign"),
     make_model=BreastCancerMLP,
-    preprocessing=_breast_cancer_preprocessing,
+    preprocessing=standardisation,
     train_config=TrainConfig(epochs=60, batch_size=32, lr=1e-3),
     fine_tune_config=FineTuneConfig(epochs=10, batch_size=32, lr=1e-3),
 )
@@ -395,7 +371,7 @@ _LENET5 = _Converted(
     input_shape=(1, 28, 28),
     labels=tuple(str(digit) for digit in range(10)),
     make_model=LeNet5,
-    preprocessing=_mnist_preprocessing,
+    preprocessing=mnist_constants,
     train_config=TrainConfig(epochs=30, batch_size=64, lr=1e-3),
     fine_tune_config=FineTuneConfig(epochs=5, batch_size=64, lr=1e-3),
     # Its latency plan takes about a second per sample: 100 keep the bit-for-bit retraining
