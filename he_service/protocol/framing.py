@@ -7,6 +7,7 @@ reader allocate more than the body it already holds.
 
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Callable, Iterator, Sequence
 
@@ -83,7 +84,7 @@ def frame_count(data: bytes) -> int:
 
 
 def decode_frames(data: bytes, *, max_items: int) -> list[bytes]:
-    """Split a framed message into its payloads.
+    """Split a framed message held in memory into its payloads (``read_frames`` over it).
 
     Args:
         data: the whole message.
@@ -95,28 +96,10 @@ def decode_frames(data: bytes, *, max_items: int) -> list[bytes]:
     Raises:
         ProtocolError: wrong magic, too many items, truncated or trailing bytes.
     """
-    count = frame_count(data)
-    if count == 0:
-        raise ProtocolError("framed message holds no items")
-    if count > max_items:
-        raise ProtocolError(f"framed message holds {count} items; at most {max_items} allowed")
-    items: list[bytes] = []
-    offset = len(MAGIC) + _COUNT.size
-    for index in range(count):
-        if offset + _LENGTH.size > len(data):
-            raise ProtocolError(f"framed message truncated in the header of item {index}")
-        (length,) = _LENGTH.unpack_from(data, offset)
-        offset += _LENGTH.size
-        if length > len(data) - offset:
-            raise ProtocolError(
-                f"framed message truncated: item {index} declares {length} bytes, "
-                f"{len(data) - offset} remain"
-            )
-        items.append(data[offset : offset + length])
-        offset += length
-    if offset != len(data):
-        raise ProtocolError(f"framed message has {len(data) - offset} trailing bytes")
-    return items
+    _, items = read_frames(
+        io.BytesIO(data).read, len(data), max_items=max_items, max_item_bytes=len(data)
+    )
+    return list(items)
 
 
 def read_frames(
