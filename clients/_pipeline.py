@@ -11,7 +11,6 @@ Where the encryption and decryption run is a ``_Backend``: this machine's proces
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
 import mmap
 import multiprocessing
@@ -40,6 +39,7 @@ from he_service.protocol import (
     save_seeded,
     seal_context,
 )
+from he_service.protocol.seal_io import sweep_scratch_files
 
 if TYPE_CHECKING:
     from clients._client import ModelSession
@@ -267,7 +267,8 @@ class _Scratch:
     def __init__(self, count: int, slot: int) -> None:
         size = count * slot
         directory = _scratch_dir(size)
-        handle, self.path = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=directory)
+        # The seal_io scratch naming (he-<pid>-...), so that its sweep finds those of dead runs.
+        handle, self.path = tempfile.mkstemp(prefix=f"he-{os.getpid()}-score-", dir=directory)
         try:
             os.ftruncate(handle, size)
         except OSError:
@@ -303,11 +304,8 @@ class _Scratch:
             os.unlink(self.path)
 
 
-_PREFIX = "he-score-"
-
-
 def _scratch_dir(size: int) -> str | None:
-    """Return memory-backed /dev/shm when it holds two groups, else the temporary folder."""
+    """Return memory-backed /dev/shm when it has room for twice the two groups in flight."""
     try:
         stats = os.statvfs("/dev/shm")  # noqa: S108  (mkstemp: private, unpredictable names)
     except OSError:
@@ -318,21 +316,7 @@ def _scratch_dir(size: int) -> str | None:
 def _sweep_scratch() -> None:
     """Remove the scratch files of runs that were killed (their process is gone)."""
     for directory in {"/dev/shm", tempfile.gettempdir()}:  # noqa: S108
-        for path in glob.glob(os.path.join(directory, f"{_PREFIX}*")):
-            pid = os.path.basename(path)[len(_PREFIX) :].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        sweep_scratch_files(directory)
 
 
 class _Encryptors:
@@ -413,17 +397,14 @@ def _encrypt(vectors: np.ndarray) -> list[bytes]:
 def _encrypt_into(vectors: np.ndarray, path: str, first: int, slot: int) -> list[int]:
     """Encrypt ``vectors`` into slots ``first, first + 1, ...`` of a scratch file; their sizes."""
     lengths = []
-    handle = os.open(path, os.O_WRONLY)
-    try:
+    with open(path, "r+b") as out:  # buffered: each write is whole
         for k, vector in enumerate(vectors):
-            data = _encrypt(vector[None])[0]
-            if len(data) > slot:
-                raise ValueError(f"a ciphertext of {len(data)} bytes exceeds its {slot}-byte slot")
-            view, offset = memoryview(data), (first + k) * slot
-            while view:
-                done = os.pwrite(handle, view, offset)
-                view, offset = view[done:], offset + done
-            lengths.append(len(data))
-    finally:
-        os.close(handle)
+            (ciphertext,) = _encrypt(vector[None])  # one at a time: the file holds them
+            if len(ciphertext) > slot:
+                raise ValueError(
+                    f"a ciphertext of {len(ciphertext)} bytes exceeds its {slot}-byte slot"
+                )
+            out.seek((first + k) * slot)
+            out.write(ciphertext)
+            lengths.append(len(ciphertext))
     return lengths

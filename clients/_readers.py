@@ -287,20 +287,20 @@ def _write_csv(
     outputs: np.ndarray | None,
 ) -> None:
     added = (["class"] if names is not None else []) + extra
+    if table.format == InputFormat.IMAGES:
+        header = ["file", *added]
+        firsts = [_csv_line([name]) for name in table.names]
+    else:
+        columns = list(table.columns) or [f"x{j}" for j in range(table.values.shape[1])]
+        header = [*columns, *added]
+        firsts = list(table.lines)
+    quoted = {name: _csv_line([name]) for name in set(names or ())}
     with path.open("w", newline="") as out:
-        writer = csv.writer(out)
-        if table.format == InputFormat.IMAGES:
-            writer.writerow(["file", *added])
-            firsts = [_csv_line([name]) for name in table.names]
-        else:
-            columns = list(table.columns) or [f"x{j}" for j in range(table.values.shape[1])]
-            writer.writerow([*columns, *added])
-            firsts = list(table.lines)
-        quoted = {name: _csv_line([name]) for name in set(names or ())}
+        out.write(_csv_line(header) + "\r\n")  # csv.writer's line ending, as on every line
         for i, first in enumerate(firsts):
             label = "" if names is None else "," + quoted[names[i]]
             scores = "" if outputs is None else "".join(f",{v:.10g}" for v in outputs[i])
-            out.write(f"{first}{label}{scores}\r\n")  # csv.writer's line ending
+            out.write(f"{first}{label}{scores}\r\n")
 
 
 def _csv_line(cells: list[str]) -> str:

@@ -157,8 +157,8 @@ def test_an_interrupted_run_resumes_without_sending_scored_groups_again(
         step = client.card(BREAST).plan("batch").output_precision
     assert again.predicts == 2  # groups 1 and 2; group 0 was kept from the first run
     # The pool handed its ciphertexts over in scratch files: none is left behind.
-    assert not glob.glob(f"/dev/shm/he-score-{os.getpid()}-*")
-    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"he-score-{os.getpid()}-*"))
+    assert not glob.glob(f"/dev/shm/he-{os.getpid()}-score-*")
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"he-{os.getpid()}-score-*"))
     assert (summary.scored_rows, summary.skipped_groups) == (20, 1)
     with output.open() as handle:
         labels = [r["class"] for r in csv.DictReader(handle)]
@@ -208,8 +208,8 @@ def test_scratch_files_of_killed_runs_are_swept(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     folder = tempfile.gettempdir()
-    stale = Path(folder, f"he-score-{dead}-stale")
-    mine = Path(folder, f"he-score-{os.getpid()}-live")
+    stale = Path(folder, f"he-{dead}-score-stale")
+    mine = Path(folder, f"he-{os.getpid()}-score-live")
     stale.write_bytes(b"x")
     mine.write_bytes(b"x")
     try:
