@@ -65,9 +65,9 @@ NO_BODY_BYTES = 16 << 10
 # WSGI environ key the HTTP front (he_service.front) sets when it answered a request from its
 # headers alone, leaving its body unread: "too_large" or "unauthenticated".
 REFUSED_BODY = "he_service.refused_body"
-# Each route that reads a body, and its limit (the one its handler passes to _read_body).
 # A v2 body's parse holds up to this many times its size (body, JSON strings, decoded bytes).
 V2_PARSE_PEAK = 3
+# Each route that reads a body, and its limit (the one its handler passes to _read_body).
 _BODY_LIMITS: dict[str, Any] = {
     "upload_context": lambda config, plan: config.max_context_bytes,
     "predict": lambda config, plan: config.max_body_bytes(plan),
@@ -425,7 +425,7 @@ def _register_routes(app: Flask) -> None:
         plan = _service().registry.model(name).plan(request.args.get("plan"))
         context_id = _context_id(request.headers.get(CONTEXT_HEADER))
         declared = request.content_length
-        if declared is None or not request.environ.get("wsgi.input_terminated"):
+        if declared is None:  # a chunked body, from a server that does not give its length
             body = _read_body(plan.max_request_bytes, "request body")
             return _predict(
                 plan, _keys(plan, context_id), [body], frame_count(body), uploaded=False
@@ -436,9 +436,10 @@ def _register_routes(app: Flask) -> None:
         # The front stages the body (bounded, outside this process's memory); each ciphertext
         # is read, loaded and dropped in turn, so the body is never held whole here.
         count, items = read_frames(
-            request.environ["wsgi.input"].read,
+            request.stream.read,
             declared,
-            max_items=plan.max_units * plan.inputs_per_unit,
+            # The count is checked against the plan by _evaluate (413, as for a whole body).
+            max_items=declared,
             max_item_bytes=plan.max_ciphertext_bytes,
         )
         return _respond(

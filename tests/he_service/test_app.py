@@ -185,7 +185,7 @@ def test_bad_context_header_gets_400(app: Flask) -> None:
     )
 
 
-@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
+@pytest.mark.parametrize("streamed", [True, False], ids=["terminated-input", "bounded-stream"])
 @pytest.mark.parametrize(
     "kind",
     ["empty", "random", "random-frame", "truncated", "trailing", "huge-item", "no-items"],
@@ -193,8 +193,8 @@ def test_bad_context_header_gets_400(app: Flask) -> None:
 def test_garbage_ciphertexts_get_400(
     app: Flask, session: ModelSession, kind: str, streamed: bool
 ) -> None:
-    # Under the real front the body is read frame by frame (it says the input ends: the
-    # streamed path); without that promise, whole.
+    # The body is read frame by frame: from the server's input as it is when the server says
+    # the input ends there (the real front), else through werkzeug's length-bounded stream.
     good = session.encrypt(np.zeros((1, 28, 28)))
     huge = bytearray(encode_frames(good))
     huge[8:16] = (1 << 40).to_bytes(8, "little")  # the first item declares a terabyte
