@@ -38,6 +38,7 @@ from he_service.protocol import (
     frame_parts,
     framed_size,
     preprocess,
+    preprocess_rows,
 )
 
 __all__ = ["HEClient", "ModelSession"]
@@ -352,9 +353,7 @@ class ModelSession:
             raise ValueError("predict_many needs at least one sample")
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        prepared = np.stack(
-            [preprocess(x, self.card.preprocessing, self.card.input_shape) for x in samples]
-        )
+        prepared = preprocess_rows(samples, self.card.preprocessing, self.card.input_shape)
         units = self.spec.input_encoding.units(prepared)
         _add(timings, "encode", time.perf_counter() - start)
         spec, limits = self.spec, self.spec.limits

@@ -35,8 +35,6 @@ def preprocess(x: np.ndarray, spec: Mapping[str, Any], shape: tuple[int, ...]) -
         ProtocolError: wrong number of elements or non-finite values.
     """
     array = np.asarray(x, dtype=np.float64)
-    if array.size != int(np.prod(shape)):
-        raise ProtocolError(f"input has {array.size} values; the model expects shape {shape}")
     result: np.ndarray = preprocess_rows(array.reshape(1, -1), spec, shape)[0]
     return result
 
@@ -58,8 +56,9 @@ def preprocess_rows(
     """
     array = np.asarray(rows, dtype=np.float64)
     size = int(np.prod(shape))
+    values = array[0].size if array.ndim and len(array) else 0
     if array.ndim == 0 or array.size != len(array) * size:
-        raise ProtocolError(f"rows of {array.shape[1:]} values; the model expects shape {shape}")
+        raise ProtocolError(f"input has {values} values; the model expects shape {shape}")
     if not np.all(np.isfinite(array)):
         raise ProtocolError("input holds NaN or infinity")
     array = array.reshape((len(array), *shape)) * float(spec.get("scale", 1.0))
