@@ -23,7 +23,7 @@ from clients._errors import (
     error_from_response,
 )
 from clients._outputs import Outputs, flagged_outputs
-from clients._pipeline import ScoredGroup, score_groups
+from clients._pipeline import ScoredGroup, _add, score_groups
 from clients._release import release
 from clients._retry import NO_RETRY, Retry, call_with_retries
 from he_service.protocol import (
@@ -585,10 +585,6 @@ def _mib(size: int) -> str:
 def _outputs(response: httpx.Response) -> tuple[list[bytes], dict[str, float]]:
     outputs = decode_frames(response.content, max_items=max(1, len(response.content) // 8))
     return outputs, _server_timing(response.headers.get("Server-Timing", ""))
-
-
-def _add(timings: dict[str, float], key: str, seconds: float) -> None:
-    timings[key] = timings.get(key, 0.0) + seconds
 
 
 def _server_timing(header: str) -> dict[str, float]:
